@@ -1,0 +1,1 @@
+"""Prefect flows of gptcore: thin orchestration over the stage functions in `gptcore`."""

@@ -1,0 +1,132 @@
+"""Resumable checkpoints: weights in safetensors, the rest loadable with `weights_only=True`.
+
+    DIR/step_000120/model.safetensors   the weights (tied tensors stored once)
+    DIR/step_000120/model.json          what to build: model config, kind, labels
+    DIR/step_000120/state.pt            optimizer, scheduler, step, data sampler and RNG states
+    DIR/step_000120/COMPLETE            written last: a directory without it never counts
+
+Each checkpoint is written to a temporary directory and renamed into place, so a crash during
+a save leaves the previous checkpoint as the latest. Only the newest `keep` are kept.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+from gptcore.config import ModelConfig
+from gptcore.errors import InputError
+from gptcore.fsutil import atomic_dir, read_json, write_json
+from gptcore.model import GPT, GPTClassifier
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+MARKER = "COMPLETE"
+
+
+def save_weights(model: torch.nn.Module, out_dir: str | Path, meta: dict[str, Any]) -> Path:
+    """Weights + model.json into `out_dir` (replaced atomically): the unit that export reads."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        _write_weights(model, tmp, meta)
+    return out_dir
+
+
+def _write_weights(model: torch.nn.Module, directory: Path, meta: dict[str, Any]) -> None:
+    save_model(_unwrap(model), str(directory / "model.safetensors"))
+    write_json(directory / "model.json", meta)
+
+
+def load_weights(model: torch.nn.Module, directory: str | Path) -> torch.nn.Module:
+    path = Path(directory) / "model.safetensors"
+    if not path.is_file():
+        raise InputError(f"{path}: no weights here")
+    missing, unexpected = load_model(_unwrap(model), str(path), strict=False)
+    if missing or unexpected:
+        raise InputError(f"{path}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
+    return model
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / "model.json"
+    if not path.is_file():
+        raise InputError(f"{path}: no model description here; is {directory} a gptcore checkpoint?")
+    return read_json(path)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(state["python"])
+
+
+def save_checkpoint(
+    ckpt_dir: str | Path, step: int, model: torch.nn.Module, meta: dict[str, Any], state: dict[str, Any], keep: int
+) -> Path:
+    final = Path(ckpt_dir) / f"step_{step:06d}"
+    with atomic_dir(final) as tmp:
+        _write_weights(model, tmp, meta)
+        torch.save({**state, "step": step, "rng": rng_state()}, tmp / "state.pt")
+        (tmp / MARKER).write_text("ok\n")
+    for old in complete_checkpoints(ckpt_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(ckpt_dir: str | Path) -> list[Path]:
+    """Checkpoint directories that finished writing, oldest first."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / MARKER).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    complete = complete_checkpoints(ckpt_dir)
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Load weights into `model`; return the training state (RNG states not yet applied)."""
+    load_weights(model, path)
+    return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+
+
+def load_classifier(directory: str | Path) -> tuple[GPTClassifier, dict[str, Any]]:
+    """A fine-tuned classifier from a directory of weights + model.json."""
+    meta = read_meta(directory)
+    if meta.get("kind") != "classifier":
+        raise InputError(f"{directory}: holds a {meta.get('kind')!r} model, not a classifier")
+    model = GPTClassifier(GPT(ModelConfig(**meta["model"])), len(meta["labels"]))
+    return load_weights(model, directory).eval(), meta
+
+
+def load_lm(directory: str | Path) -> tuple[GPT, dict[str, Any]]:
+    meta = read_meta(directory)
+    if meta.get("kind") != "lm":
+        raise InputError(f"{directory}: holds a {meta.get('kind')!r} model, not a language model")
+    return load_weights(GPT(ModelConfig(**meta["model"])), directory).eval(), meta
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "_orig_mod", model)  # torch.compile wraps the module

@@ -1,0 +1,183 @@
+"""Evaluation: the language model (loss, perplexity, bits per byte, samples) and the classifier
+(accuracy, macro-F1, per-class precision/recall, confusion matrix), each beside a baseline.
+
+Output: OUT/lm_eval.json + OUT/samples.txt, and OUT/classifier_eval.json + OUT/confusion_matrix.png.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from gptcore.checkpoint import load_classifier, load_lm
+from gptcore.config import EvalConfig
+from gptcore.errors import InputError
+from gptcore.finetune import load_finetuned, make_passages, predict
+from gptcore.fsutil import atomic_file, read_json, write_json
+from gptcore.metrics import bits_per_byte, classification_report, majority_baseline, unigram_nats
+from gptcore.model import GPT
+from gptcore.pretrain import load_pretrained
+from gptcore.tokenizer import PAD, load_tokenized, load_tokenizer, read_tokens, token_byte_lengths
+from gptcore.tracking import Tracking, stage_run
+from gptcore.train import pick_device
+
+log = logging.getLogger("gptcore.evaluate")
+
+
+@torch.no_grad()
+def token_nats(model: GPT, tokens: np.ndarray, max_tokens: int, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token NLL (nats) and target ids over the first `max_tokens` tokens of a split.
+
+    Non-overlapping windows of block_size + 1 tokens, so each target is scored once with up to
+    block_size tokens of context.
+    """
+    T = model.cfg.block_size
+    n_windows = (min(len(tokens), max_tokens) - 1) // T
+    if n_windows < 1:
+        raise InputError(f"a split of {len(tokens)} tokens is too short to score with block_size={T}")
+    windows = np.stack([tokens[i * T : i * T + T + 1] for i in range(n_windows)]).astype(np.int64)
+    device = next(model.parameters()).device
+    nats = []
+    for i in range(0, n_windows, batch_size):
+        w = torch.from_numpy(windows[i : i + batch_size]).to(device)
+        logits, _ = model(w[:, :-1])
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), w[:, 1:].reshape(-1), reduction="none")
+        nats.append(nll.cpu().numpy())
+    return np.concatenate(nats).astype(np.float64), windows[:, 1:].reshape(-1)
+
+
+def generate_samples(model: GPT, tok, cfg: EvalConfig) -> str:
+    """Samples from the fixed prompts, each with its own fixed seed, as readable text."""
+    device = next(model.parameters()).device
+    parts = []
+    for i, prompt in enumerate(cfg.prompts):
+        ids = tok.encode(prompt, add_special_tokens=False).ids[-model.cfg.block_size :]
+        generator = torch.Generator(device=device).manual_seed(cfg.seed + i)
+        out = model.generate(torch.tensor([ids], device=device), cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator)
+        text = tok.decode(out[0].tolist(), skip_special_tokens=False)
+        parts.append(f"--- prompt {i}: {prompt!r} (seed {cfg.seed + i}, temperature {cfg.temperature}, top_k {cfg.top_k})\n{text}\n")
+    return "\n".join(parts)
+
+
+@dataclass
+class LMEvalResult:
+    metrics_path: str
+    samples_path: str
+    val: dict[str, float]
+    test: dict[str, float]
+    unigram_bpb: dict[str, float]
+
+
+def evaluate_lm(
+    cfg: EvalConfig, pretrained_dir: str | Path, tokenized_dir: str | Path, out_dir: str | Path,
+    tracking: Tracking | None = None,
+) -> LMEvalResult:
+    """Val/test loss, perplexity and bits per byte of the pretrained GPT, a unigram baseline's bpb, samples."""
+    pretrained = load_pretrained(pretrained_dir)
+    model, _ = load_lm(pretrained.best_dir)
+    model.to(pick_device("auto"))
+    tokens = load_tokenized(tokenized_dir)
+    tok = load_tokenizer(tokenized_dir)
+    byte_lengths = token_byte_lengths(tok)
+    train_tokens = read_tokens(tokens, "train")
+    out_dir = Path(out_dir)
+    scores, unigram = {}, {}
+    for split in ("val", "test"):
+        nats, targets = token_nats(model, read_tokens(tokens, split), cfg.max_eval_tokens)
+        n_bytes = int(byte_lengths[targets].sum())
+        loss = float(nats.mean())
+        scores[split] = {"loss": loss, "perplexity": math.exp(loss), "bpb": bits_per_byte(float(nats.sum()), n_bytes),
+                         "tokens": int(targets.size), "bytes": n_bytes}
+        unigram[split] = bits_per_byte(unigram_nats(train_tokens, targets, tokens.vocab_size), n_bytes)
+        log.info("evaluate: %s loss %.4f | ppl %.2f | %.4f bits/byte (unigram baseline %.4f) over %d tokens", split,
+                 loss, math.exp(loss), scores[split]["bpb"], unigram[split], targets.size)
+    samples = generate_samples(model, tok, cfg)
+    result = LMEvalResult(str(out_dir / "lm_eval.json"), str(out_dir / "samples.txt"), scores["val"], scores["test"], unigram)
+    write_json(result.metrics_path, asdict(result))
+    with atomic_file(result.samples_path) as tmp:
+        tmp.write_text(samples, encoding="utf-8")
+    tags = {"gptcore.data_digest": pretrained.data_digest, "gptcore.tokenizer_digest": pretrained.tokenizer_digest}
+    with stage_run(tracking, "evaluate_lm", tags=tags) as run:
+        run.log_params({"eval": asdict(cfg)})
+        run.log_metrics({f"{s}_{k}": v for s in ("val", "test") for k, v in scores[s].items()}
+                        | {f"unigram_{s}_bpb": v for s, v in unigram.items()})
+        run.log_artifact(result.metrics_path)
+        run.log_artifact(result.samples_path)
+    return result
+
+
+def plot_confusion(report: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display here or on a worker
+    import matplotlib.pyplot as plt
+
+    cm, labels = np.asarray(report["confusion_matrix"]), report["labels"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.2 * len(labels) + 1))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black")
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+@dataclass
+class ClassifierEvalResult:
+    metrics_path: str
+    confusion_path: str
+    test: dict
+    majority: dict
+
+
+def evaluate_classifier(
+    finetuned_dir: str | Path, data_dir: str | Path, tokenized_dir: str | Path, out_dir: str | Path,
+    tracking: Tracking | None = None, batch_size: int = 64,
+) -> ClassifierEvalResult:
+    """Test-split report of the fine-tuned classifier beside the majority-class baseline."""
+    finetuned = load_finetuned(finetuned_dir)
+    model, meta = load_classifier(finetuned.best_dir)
+    model.to(pick_device("auto"))
+    tok = load_tokenizer(tokenized_dir)
+    labels, field, length = meta["labels"], meta["label_field"], meta["passage_tokens"]
+    train, _ = make_passages(data_dir, "train", field, tok, length, labels)
+    test, _ = make_passages(data_dir, "test", field, tok, length, labels)
+    report = classification_report(test.labels, predict(model, test, tok.token_to_id(PAD), batch_size), labels)
+    baseline = majority_baseline(train.labels, test.labels, labels)
+    out_dir = Path(out_dir)
+    result = ClassifierEvalResult(str(out_dir / "classifier_eval.json"), str(out_dir / "confusion_matrix.png"),
+                                  report, baseline)
+    write_json(result.metrics_path, asdict(result))
+    plot_confusion(report, Path(result.confusion_path), f"test: accuracy {report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f}")
+    log.info("evaluate: classifier test accuracy %.4f macro-F1 %.4f over %d passages (majority '%s': %.4f / %.4f)",
+             report["accuracy"], report["macro_f1"], len(test), baseline["majority_class"], baseline["accuracy"],
+             baseline["macro_f1"])
+    with stage_run(tracking, "evaluate_classifier", tags={"gptcore.data_digest": meta["data_digest"]}) as run:
+        metrics = {"test_accuracy": report["accuracy"], "test_macro_f1": report["macro_f1"],
+                   "majority_test_accuracy": baseline["accuracy"], "majority_test_macro_f1": baseline["macro_f1"]}
+        for label, per in report["per_class"].items():
+            metrics |= {f"test_precision_{label}": per["precision"], f"test_recall_{label}": per["recall"]}
+        run.log_metrics(metrics)
+        run.log_artifact(result.metrics_path)
+        run.log_artifact(result.confusion_path)
+    return result
+
+
+def read_eval(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no evaluation here; run `gptcore evaluate` first")
+    return read_json(path)

@@ -1,0 +1,231 @@
+"""The GPT: a decoder-only transformer in the GPT-2/GPT-3 shape, in one readable file.
+
+Token + learned position embeddings, `n_layer` pre-LN blocks of causal self-attention and a
+GELU MLP, a final LayerNorm and an LM head tied to the token embedding. Shapes are written
+next to every tensor: B batch, T new tokens, P cached (past) tokens, S = P + T, C = n_embd,
+H = n_head, D = C // H, V = vocab_size.
+
+The same forward serves training (no cache, no mask: the fast causal path of
+`scaled_dot_product_attention`), batched generation with left padding (attention mask +
+position ids + KV cache) and the ONNX export, which traces the cached path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from gptcore.config import ModelConfig
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values, each (B, H, P, D)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        past: tuple[torch.Tensor, torch.Tensor] | None,  # (B, H, P, D) each
+        mask: torch.Tensor | None,  # (B, 1, T, S) bool, True = may attend; None = plain causal
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # (B, T, C) each
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # (B, H, S, D)
+            v = torch.cat([past[1], v], dim=2)  # (B, H, S, D)
+        dropout_p = self.dropout if self.training else 0.0
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.proj(y)), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LN: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, past, mask):
+        a, present = self.attn(self.ln_1(x), past, mask)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, present
+
+
+def attention_mask_4d(attention_mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """(B, S) 0/1 padding mask -> (B, 1, T, S) bool mask, causal over the last T positions.
+
+    Every query may also attend to itself: a left-padding query would otherwise see no key at
+    all, and the softmax of an all-masked row is NaN, which then leaks into other rows through
+    the NaN keys and values of later layers.
+    """
+    S = attention_mask.shape[1]
+    past = S - new_tokens
+    q_pos = torch.arange(new_tokens, device=attention_mask.device).unsqueeze(1) + past  # (T, 1)
+    k_pos = torch.arange(S, device=attention_mask.device).unsqueeze(0)  # (1, S)
+    causal = k_pos <= q_pos  # (T, S)
+    keep = causal & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+    return keep | (k_pos == q_pos)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied: one (V, C) matrix embeds and unembeds
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the residual stream's
+        # variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden_states(
+        self,
+        idx: torch.Tensor,  # (B, T) token ids
+        position_ids: torch.Tensor | None = None,  # (B, T); default 0..T-1 (after the cache)
+        attention_mask: torch.Tensor | None = None,  # (B, S) 0/1; None = no padding
+        past: KVCache | None = None,
+    ) -> tuple[torch.Tensor, KVCache]:
+        B, T = idx.shape
+        P = 0 if past is None else past[0][0].shape[2]
+        if position_ids is None:
+            position_ids = torch.arange(P, P + T, device=idx.device).unsqueeze(0)  # (1, T)
+        # A cache or padding needs an explicit mask; plain training takes the fused causal path.
+        mask = None
+        if attention_mask is not None or past is not None:
+            if attention_mask is None:
+                attention_mask = torch.ones(B, P + T, dtype=torch.long, device=idx.device)
+            mask = attention_mask_4d(attention_mask, T)  # (B, 1, T, S)
+        x = self.drop(self.wte(idx) + self.wpe(position_ids))  # (B, T, C)
+        present: KVCache = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, None if past is None else past[i], mask)
+            present.append(kv)
+        return self.ln_f(x), present  # (B, T, C), per layer (B, H, S, D) x 2
+
+    def forward(
+        self,
+        idx: torch.Tensor,  # (B, T)
+        targets: torch.Tensor | None = None,  # (B, T) next-token ids, -100 = ignore
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h, _ = self.hidden_states(idx, **kwargs)
+        logits = self.lm_head(h)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,  # (B, T0) prompt ids
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:  # (B, T0 + max_new_tokens)
+        """Sample with the KV cache; temperature 0 is greedy. The context slides past block_size."""
+        past: KVCache | None = None
+        pos = 0
+        step_ids = idx[:, -self.cfg.block_size :]
+        for _ in range(max_new_tokens):
+            T = step_ids.shape[1]
+            if pos + T > self.cfg.block_size:  # cache full: restart from the latest window
+                past, pos = None, 0
+                step_ids = idx[:, -self.cfg.block_size :]
+                T = step_ids.shape[1]
+            positions = torch.arange(pos, pos + T, device=idx.device).unsqueeze(0)
+            h, past = self.hidden_states(step_ids, position_ids=positions, past=past)
+            pos += T
+            logits = self.lm_head(h[:, -1, :])  # (B, V)
+            next_id = sample_next(logits, temperature, top_k, generator)  # (B, 1)
+            idx = torch.cat([idx, next_id], dim=1)
+            step_ids = next_id
+        return idx
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:  # (B, V) -> (B, 1)
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+class GPTClassifier(nn.Module):
+    """The GPT body plus a linear head over the hidden state of the last non-pad token.
+
+    Inputs are right-padded, so causal attention already keeps padding out of every real
+    position: the mask only tells which position to pool.
+    """
+
+    def __init__(self, gpt: GPT, num_classes: int):
+        super().__init__()
+        self.gpt = gpt
+        self.head = nn.Linear(gpt.cfg.n_embd, num_classes)
+        nn.init.normal_(self.head.weight, mean=0.0, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(
+        self,
+        idx: torch.Tensor,  # (B, T) right-padded token ids
+        attention_mask: torch.Tensor,  # (B, T) 1 for real tokens
+    ) -> torch.Tensor:  # (B, num_classes)
+        h, _ = self.gpt.hidden_states(idx)  # (B, T, C)
+        last = (attention_mask.sum(dim=1) - 1).clamp(min=0)  # (B,)
+        pooled = h[torch.arange(h.shape[0], device=h.device), last]  # (B, C)
+        return self.head(pooled)

@@ -1,0 +1,57 @@
+"""The end-of-pipeline summary: where the runs, models and files are, and the headline metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gptcore.tracking import TrackingSettings
+
+
+def pipeline_summary(*, workdir: Path, settings: TrackingSettings, seconds: float, data, tokens, pretrained,
+                     finetuned, lm_eval, cls_eval, lm_pkg, cls_pkg, lm_reg, cls_reg, scores) -> dict[str, Any]:
+    majority = cls_eval.majority
+    headline = {
+        "lm_test_bpb": lm_eval.test["bpb"],
+        "lm_unigram_test_bpb": lm_eval.unigram_bpb["test"],
+        "lm_test_perplexity": lm_eval.test["perplexity"],
+        "classifier_test_accuracy": cls_eval.test["accuracy"],
+        "classifier_test_macro_f1": cls_eval.test["macro_f1"],
+        "majority_test_accuracy": majority["accuracy"],
+        "majority_test_macro_f1": majority["macro_f1"],
+        "lm_parity_max_abs_logit_diff": lm_pkg.parity["max_abs_logit_diff"],
+        "lm_parity_greedy_tokens_equal": lm_pkg.parity["greedy_tokens_equal"],
+        "classifier_parity_max_abs_logit_diff": cls_pkg.parity["max_abs_logit_diff"],
+    }
+    models = {
+        reg.name: {"version": reg.version, "champion_version": reg.champion_version, "promoted": reg.promoted,
+                   "reason": reg.reason, "uri": reg.champion_uri}
+        for reg in (lm_reg, cls_reg)
+    }
+    rows = [
+        ("wall time", f"{seconds:.0f} s"),
+        ("work directory", str(workdir)),
+        ("corpus", f"{sum(data.documents.values())} documents, digest {data.digest[:12]}"),
+        ("tokens (train/val/test)", f"{tokens.tokens['train']}/{tokens.tokens['val']}/{tokens.tokens['test']}, "
+                                    f"vocab {tokens.vocab_size}"),
+        ("GPT", f"{pretrained.num_params / 1e6:.2f}M params, {pretrained.steps} steps in {pretrained.train_seconds:.0f} s"),
+        ("LM test bits/byte", f"{headline['lm_test_bpb']:.4f} (unigram baseline {headline['lm_unigram_test_bpb']:.4f})"),
+        ("classifier test accuracy", f"{headline['classifier_test_accuracy']:.4f} "
+                                     f"(majority '{majority['majority_class']}' {headline['majority_test_accuracy']:.4f})"),
+        ("classifier test macro-F1", f"{headline['classifier_test_macro_f1']:.4f} "
+                                     f"(majority {headline['majority_test_macro_f1']:.4f})"),
+        ("ONNX parity", f"LM max |dlogit| {headline['lm_parity_max_abs_logit_diff']:.1e}, greedy "
+                        f"{headline['lm_parity_greedy_tokens_equal']}/{lm_pkg.parity['greedy_tokens']} equal; classifier "
+                        f"max |dlogit| {headline['classifier_parity_max_abs_logit_diff']:.1e}"),
+        *[(f"model {name}", f"v{m['version']} ({'promoted to champion' if m['promoted'] else 'challenger'}: "
+                            f"{m['reason']}); serve {m['uri']}") for name, m in models.items()],
+        ("ONNX packages", f"{lm_pkg.package_dir}, {cls_pkg.package_dir}"),
+        ("scores", f"{scores.output_path} ({scores.rows} rows, {scores.provider})"),
+        ("MLflow", f"{settings.tracking_uri} (browse: mlflow ui --backend-store-uri {settings.tracking_uri})"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    text = "gptcore pipeline finished\n" + "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+    markdown = "# gptcore pipeline\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return {"seconds": seconds, "workdir": str(workdir), "tracking_uri": settings.tracking_uri, "headline": headline,
+            "models": models, "scores_path": scores.output_path, "scores_rows": scores.rows, "text": text,
+            "markdown": markdown}

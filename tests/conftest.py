@@ -1,0 +1,60 @@
+"""Shared fixtures: small corpora built by the tests, tiny configs, a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from gptcore.config import IngestConfig, ModelConfig, TokenizerConfig, TrainConfig
+from gptcore.tracking import Tracking, TrackingSettings
+
+WORDS = {
+    "sea": "wave salt ship sail tide anchor harbour gull storm deck".split(),
+    "land": "hill field plough barn wheat orchard fence meadow cart stone".split(),
+}
+
+
+def write_labelled_corpus(path: Path, docs_per_label: int = 20, seed: int = 0) -> Path:
+    """A JSONL corpus of two topics whose words differ: a classifier can learn it quickly."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for label, words in WORDS.items():
+            for i in range(docs_per_label):
+                text = " ".join(rng.choice(words) for _ in range(300)) + f". {label} {i}."
+                f.write(json.dumps({"text": text, "label": label}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> dict[str, Path]:
+    """Ingested + tokenized two-topic corpus: {'data': dir, 'tokenizer': dir, 'root': dir}."""
+    from gptcore.data.ingest import ingest
+    from gptcore.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("small")
+    source = write_labelled_corpus(root / "corpus.jsonl")
+    ingest(IngestConfig(sources=[str(source)], metadata_fields=["label"], val_fraction=0.15, test_fraction=0.15),
+           root / "data")
+    train_tokenizer(TokenizerConfig(vocab_size=300, min_frequency=1), root / "data", root / "tokenizer")
+    return {"root": root, "data": root / "data", "tokenizer": root / "tokenizer"}
+
+
+@pytest.fixture
+def tiny_model_cfg() -> ModelConfig:
+    return ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)
+
+
+@pytest.fixture
+def tiny_train_cfg() -> TrainConfig:
+    return TrainConfig(max_steps=20, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_interval=10,
+                       eval_batches=2, log_interval=5, checkpoint_interval=10, keep_checkpoints=5, device="cpu")
+
+
+@pytest.fixture
+def mlflow_tracking(tmp_path) -> Tracking:
+    """A real MLflow store (SQLite file + local artifacts) private to the test."""
+    return Tracking(TrackingSettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", registry_uri=None,
+                                     artifact_location=str(tmp_path / "artifacts"), experiment="test"))

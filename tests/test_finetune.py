@@ -1,0 +1,56 @@
+import dataclasses
+
+import pyarrow.parquet as pq
+import pytest
+
+from gptcore.config import FinetuneConfig
+from gptcore.errors import InputError
+from gptcore.evaluate import evaluate_classifier
+from gptcore.finetune import finetune, make_passages
+from gptcore.pretrain import pretrain
+from gptcore.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def pretrained(small_corpus, tmp_path_factory):
+    from gptcore.config import ModelConfig, TrainConfig
+
+    out = tmp_path_factory.mktemp("pre")
+    pretrain(ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=32),
+             TrainConfig(max_steps=30, batch_size=8, warmup_steps=2, eval_interval=30, checkpoint_interval=30, device="cpu"),
+             small_corpus["tokenizer"], out)
+    return out
+
+
+def ft_cfg(**overrides) -> FinetuneConfig:
+    base = FinetuneConfig(label_field="label", passage_tokens=24, max_steps=60, batch_size=16, lr=3e-3, min_lr=3e-4,
+                          warmup_steps=5, eval_interval=20, eval_batches=4, log_interval=20, checkpoint_interval=60,
+                          device="cpu")
+    return dataclasses.replace(base, **overrides)
+
+
+def test_passages_come_only_from_their_split(small_corpus):
+    tok = load_tokenizer(small_corpus["tokenizer"])
+    train, labels = make_passages(small_corpus["data"], "train", "label", tok, 24, None)
+    test, _ = make_passages(small_corpus["data"], "test", "label", tok, 24, labels)
+    test_ids = set(pq.read_table(small_corpus["data"] / "test.parquet").column("id").to_pylist())
+    assert labels == ["land", "sea"]
+    assert set(train.doc_ids).isdisjoint(test_ids)
+    assert set(test.doc_ids) <= test_ids
+    assert all(1 <= len(p) <= 24 for p in train.ids)
+
+
+def test_wrong_label_column_names_field_and_file(small_corpus, pretrained, tmp_path):
+    with pytest.raises(InputError, match=r"train\.parquet.*'genre'"):
+        finetune(ft_cfg(label_field="genre"), pretrained, small_corpus["data"], small_corpus["tokenizer"], tmp_path / "ft")
+    assert not (tmp_path / "ft").exists()
+
+
+def test_finetune_beats_majority_and_early_stopping_keeps_best(small_corpus, pretrained, tmp_path):
+    result = finetune(ft_cfg(), pretrained, small_corpus["data"], small_corpus["tokenizer"], tmp_path / "ft")
+    assert result.labels == ["land", "sea"]
+    assert result.best_val_macro_f1 > 0.8  # the two topics share no words
+    report = evaluate_classifier(tmp_path / "ft", small_corpus["data"], small_corpus["tokenizer"], tmp_path / "eval")
+    assert report.test["macro_f1"] > report.majority["macro_f1"]
+    assert report.test["accuracy"] > report.majority["accuracy"]
+    assert (tmp_path / "eval" / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,80 @@
+import torch
+
+from gptcore.config import ModelConfig
+from gptcore.model import GPT, GPTClassifier
+
+CFG = ModelConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, vocab_size=50)
+
+
+def make_gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(CFG).eval()
+
+
+def test_shapes_and_tied_head():
+    gpt = make_gpt()
+    logits, loss = gpt(torch.randint(0, 50, (3, 7)), targets=torch.randint(0, 50, (3, 7)))
+    assert logits.shape == (3, 7, 50)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert gpt.lm_head.weight is gpt.wte.weight
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+    gpt = make_gpt()
+    ids = torch.randint(0, 50, (1, 10))
+    changed = ids.clone()
+    changed[0, 6:] = (changed[0, 6:] + 1) % 50
+    a, _ = gpt(ids)
+    b, _ = gpt(changed)
+    assert torch.allclose(a[:, :6], b[:, :6], atol=1e-6)
+    assert not torch.allclose(a[:, 6:], b[:, 6:])
+
+
+def test_kv_cache_step_equals_full_forward():
+    gpt = make_gpt()
+    ids = torch.randint(0, 50, (2, 9))
+    full, _ = gpt(ids)
+    h, past = gpt.hidden_states(ids[:, :5])
+    for t in range(5, 9):
+        h, past = gpt.hidden_states(ids[:, t : t + 1], position_ids=torch.tensor([[t]]), past=past)
+        assert torch.allclose(gpt.lm_head(h)[:, 0], full[:, t], atol=1e-5)
+
+
+def test_left_padding_with_mask_matches_unpadded():
+    gpt = make_gpt()
+    ids = torch.randint(2, 50, (1, 5))
+    padded = torch.cat([torch.ones(1, 3, dtype=torch.long), ids], dim=1)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    ref, _ = gpt(ids)
+    got, _ = gpt(padded, position_ids=positions, attention_mask=mask)
+    assert torch.isfinite(got).all(), "fully padded rows must not produce NaN"
+    assert torch.allclose(got[:, 3:], ref, atol=1e-5)
+
+
+def test_generate_greedy_is_deterministic_and_slides_past_block_size():
+    gpt = make_gpt()
+    prompt = torch.randint(0, 50, (1, 4))
+    out = gpt.generate(prompt, max_new_tokens=30, temperature=0.0)  # 34 > block_size 16
+    assert out.shape == (1, 34)
+    assert torch.equal(out[:, :4], prompt)
+    assert torch.equal(out, gpt.generate(prompt, max_new_tokens=30, temperature=0.0))
+
+
+def test_classifier_pools_last_real_token():
+    gpt = make_gpt()
+    clf = GPTClassifier(gpt, num_classes=3).eval()
+    ids = torch.randint(2, 50, (1, 6))
+    padded = torch.cat([ids, torch.ones(1, 4, dtype=torch.long)], dim=1)
+    mask = torch.tensor([[1] * 6 + [0] * 4])
+    a = clf(ids, torch.ones(1, 6, dtype=torch.long))
+    b = clf(padded, mask)
+    assert a.shape == (1, 3)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_residual_projections_get_scaled_init():
+    gpt = make_gpt()
+    std_proj = gpt.blocks[0].attn.proj.weight.std().item()
+    std_fc = gpt.blocks[0].mlp.fc.weight.std().item()
+    assert std_proj < std_fc * 0.8  # 0.02 / sqrt(2 * n_layer) vs 0.02

@@ -1,0 +1,71 @@
+import dataclasses
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gptcore.checkpoint import complete_checkpoints, latest_checkpoint
+from gptcore.config import TrainConfig
+from gptcore.model import GPT
+from gptcore.pretrain import load_pretrained, pretrain
+from gptcore.train import configure_optimizer, lr_multiplier
+
+
+def test_optimizer_decays_matrices_only(tiny_model_cfg):
+    gpt = GPT(dataclasses.replace(tiny_model_cfg, vocab_size=64))
+    opt = configure_optimizer(gpt, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    no_decay_ids = {id(p) for p in no_decay["params"]}
+    assert id(gpt.wte.weight) in no_decay_ids and id(gpt.wpe.weight) in no_decay_ids  # embeddings (+ tied head)
+    assert id(gpt.ln_f.weight) in no_decay_ids and id(gpt.blocks[0].attn.qkv.bias) in no_decay_ids
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert id(gpt.blocks[0].mlp.fc.weight) in {id(p) for p in decay["params"]}
+    n_params = sum(len(g["params"]) for g in opt.param_groups)
+    assert n_params == len(list(gpt.parameters()))  # every parameter once, the tied one too
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    cfg = TrainConfig(max_steps=100, lr=1.0, min_lr=0.1, warmup_steps=10)
+    at = lr_multiplier(cfg)
+    assert at(0) < at(5) < at(9) <= 1.0
+    assert at(10) == pytest.approx(1.0)
+    assert at(55) < at(10)
+    assert at(100) == pytest.approx(0.1)
+
+
+def test_pretrain_learns_and_writes_best_and_checkpoints(small_corpus, tiny_model_cfg, tiny_train_cfg, tmp_path):
+    result = pretrain(tiny_model_cfg, dataclasses.replace(tiny_train_cfg, max_steps=40, eval_interval=20, checkpoint_interval=20),
+                      small_corpus["tokenizer"], tmp_path / "pre")
+    assert result.steps == 40
+    assert result.best_val_loss < 5.0  # ln(300) = 5.7 is the loss of a uniform guess
+    assert (tmp_path / "pre" / "best" / "model.safetensors").is_file()
+    assert [p.name for p in complete_checkpoints(tmp_path / "pre" / "checkpoints")] == ["step_000020", "step_000040"]
+    assert load_pretrained(tmp_path / "pre") == result
+
+
+def test_resume_continues_exactly(small_corpus, tiny_model_cfg, tiny_train_cfg, tmp_path):
+    """Stopping at step 10 and resuming gives the same weights at step 20 as never stopping."""
+    model_cfg = dataclasses.replace(tiny_model_cfg, dropout=0.1)  # dropout makes the RNG state matter
+    pretrain(model_cfg, tiny_train_cfg, small_corpus["tokenizer"], tmp_path / "a")
+    ckpts_b = tmp_path / "b" / "checkpoints"
+    ckpts_b.mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step_000010", ckpts_b / "step_000010")
+    pretrain(model_cfg, tiny_train_cfg, small_corpus["tokenizer"], tmp_path / "b", resume=True)
+    a = load_file(tmp_path / "a" / "checkpoints" / "step_000020" / "model.safetensors")
+    b = load_file(ckpts_b / "step_000020" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_incomplete_checkpoint_is_ignored_and_old_ones_pruned(small_corpus, tiny_model_cfg, tiny_train_cfg, tmp_path):
+    cfg = dataclasses.replace(tiny_train_cfg, max_steps=30, checkpoint_interval=10, keep_checkpoints=2)
+    pretrain(tiny_model_cfg, cfg, small_corpus["tokenizer"], tmp_path / "p")
+    ckpts = tmp_path / "p" / "checkpoints"
+    assert [p.name for p in complete_checkpoints(ckpts)] == ["step_000020", "step_000030"]
+    crashed = ckpts / "step_000040"  # as if the process died while saving: no COMPLETE marker
+    shutil.copytree(ckpts / "step_000030", crashed)
+    (crashed / "COMPLETE").unlink()
+    assert latest_checkpoint(ckpts).name == "step_000030"
