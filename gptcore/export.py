@@ -57,8 +57,11 @@ def cache_names(n_layer: int, prefix: str) -> list[str]:
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
             dynamic_shapes: dict, opset: int) -> None:
+    # One self-contained file unless the weights pass protobuf's 2 GB limit (then model.onnx.data beside it).
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
-                      dynamic_shapes=dynamic_shapes, dynamo=True, opset_version=opset, verbose=False)
+                      dynamic_shapes=dynamic_shapes, dynamo=True, opset_version=opset, verbose=False,
+                      external_data=weight_bytes > 1 << 30)
 
 
 def export_lm_graph(gpt: GPT, path: Path, opset: int) -> None:

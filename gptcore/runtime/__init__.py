@@ -1,0 +1,29 @@
+"""Torch-free inference over gptcore's ONNX model packages: onnxruntime, tokenizers and numpy.
+
+Downstream apps and batch jobs import this without torch, Prefect or datasets; MLflow is
+imported only to resolve a `models:/` or `runs:/` URI.
+
+    from gptcore.runtime import load_model
+    lm = load_model("models:/gptcore-lm@champion")
+    lm.generate("ROMEO.", max_new_tokens=64, seed=0)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gptcore.runtime.classifier import OnnxClassifier
+from gptcore.runtime.lm import OnnxLM
+from gptcore.runtime.package import ModelPackage, load_package, resolve_model_uri
+from gptcore.runtime.scoring import score_file
+
+
+def load_model(uri_or_path: str | Path, device: str = "auto", threads: int | None = None,
+               tracking_uri: str | None = None) -> OnnxLM | OnnxClassifier:
+    """The model behind a package directory or registry URI, as an `OnnxLM` or `OnnxClassifier`."""
+    package = load_package(resolve_model_uri(uri_or_path, tracking_uri))
+    cls = OnnxLM if package.kind == "lm" else OnnxClassifier
+    return cls(package, device=device, threads=threads)
+
+
+__all__ = ["ModelPackage", "OnnxClassifier", "OnnxLM", "load_model", "load_package", "resolve_model_uri", "score_file"]

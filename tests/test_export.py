@@ -1,0 +1,100 @@
+"""ONNX export of both models and their parity with PyTorch, in real ONNX Runtime sessions."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gptcore.checkpoint import load_lm
+from gptcore.config import ExportConfig, FinetuneConfig, ModelConfig, TrainConfig
+from gptcore.errors import ParityError
+from gptcore.export import export_classifier_onnx, export_lm_onnx
+from gptcore.finetune import finetune
+from gptcore.pretrain import pretrain
+from gptcore.runtime import OnnxClassifier, OnnxLM, load_model
+from gptcore.tokenizer import load_tokenized, read_tokens
+
+
+@pytest.fixture(scope="module")
+def trained(small_corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    pretrain(ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=32),
+             TrainConfig(max_steps=30, batch_size=8, warmup_steps=2, eval_interval=30, checkpoint_interval=30, device="cpu"),
+             small_corpus["tokenizer"], root / "pre")
+    finetune(FinetuneConfig(label_field="label", passage_tokens=24, max_steps=30, batch_size=16, warmup_steps=2,
+                            eval_interval=30, checkpoint_interval=30, device="cpu"),
+             root / "pre", small_corpus["data"], small_corpus["tokenizer"], root / "ft")
+    return {**small_corpus, "pre": root / "pre", "ft": root / "ft", "root": root}
+
+
+@pytest.fixture(scope="module")
+def lm_package(trained):
+    result = export_lm_onnx(ExportConfig(), trained["pre"], trained["tokenizer"], trained["root"] / "lm")
+    return result
+
+
+def test_lm_package_is_complete_and_parity_holds(lm_package):
+    files = sorted(p.name for p in Path(lm_package.package_dir).iterdir())
+    assert files == ["gptcore_model.json", "model.onnx", "tokenizer.json"]
+    assert lm_package.parity["max_abs_logit_diff"] <= 1e-3
+    assert lm_package.parity["greedy_tokens_equal"] == 32
+    meta = json.loads((Path(lm_package.package_dir) / "gptcore_model.json").read_text())
+    assert meta["kind"] == "lm" and meta["parity"] == lm_package.parity and len(meta["data_digest"]) == 64
+
+
+def test_lm_graph_has_dynamic_axes_and_flat_cache(lm_package):
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(f"{lm_package.package_dir}/model.onnx", providers=["CPUExecutionProvider"])
+    inputs = {i.name: i.shape for i in s.get_inputs()}
+    assert list(inputs)[:3] == ["input_ids", "position_ids", "attention_mask"]
+    assert {"past_key_0", "past_value_0", "past_key_1", "past_value_1"} <= set(inputs)
+    assert all(isinstance(d, str) for d in inputs["input_ids"])  # batch and sequence are symbolic
+    assert isinstance(inputs["past_key_0"][0], str) and isinstance(inputs["past_key_0"][2], str)
+    assert [o.name for o in s.get_outputs()][:3] == ["logits", "present_key_0", "present_value_0"]
+
+
+def test_empty_cache_first_step_then_decode_matches_torch(trained, lm_package):
+    """Batch 1, an empty past on the first step (sizes 0 and 1 were never traced), then cached steps."""
+    gpt, _ = load_lm(f"{trained['pre']}/best")
+    lm = load_model(lm_package.package_dir, device="cpu")
+    assert isinstance(lm, OnnxLM) and lm.provider == "CPUExecutionProvider"
+    tokens = np.asarray(read_tokens(load_tokenized(trained["tokenizer"]), "test")[:12], dtype=np.int64)
+    logits, cache = lm.step(tokens[None, :8], np.arange(8)[None], np.ones((1, 8)), lm.empty_cache(1))
+    with torch.no_grad():
+        ref = gpt(torch.from_numpy(tokens[None]))[0].numpy()
+    assert np.abs(logits - ref[:, :8]).max() < 1e-4
+    for t in range(8, 12):
+        logits, cache = lm.step(tokens[None, t : t + 1], np.array([[t]]), np.ones((1, t + 1)), cache)
+        assert np.abs(logits[:, 0] - ref[:, t]).max() < 1e-4
+
+
+def test_classifier_export_parity(trained):
+    result = export_classifier_onnx(ExportConfig(), trained["ft"], trained["data"], trained["tokenizer"],
+                                    trained["root"] / "clf")
+    assert result.parity["max_abs_logit_diff"] <= 1e-3
+    assert result.parity["predictions_equal"] == result.parity["inputs"] > 0
+    clf = load_model(result.package_dir, device="cpu")
+    assert isinstance(clf, OnnxClassifier) and clf.labels == ["land", "sea"]
+    out = clf.classify(["wave salt ship sail tide anchor", ""])
+    assert out[0]["label"] == "sea" and abs(sum(out[1]["probabilities"].values()) - 1) < 1e-9
+
+
+def test_failed_parity_raises_and_keeps_the_previous_package(trained, lm_package, monkeypatch):
+    import gptcore.export as export
+
+    before = {p.name: p.read_bytes() for p in Path(lm_package.package_dir).iterdir()}
+    real = export.LMGraph.forward
+
+    def off_by_a_bit(self, input_ids, position_ids, attention_mask, *past_flat):
+        logits, *cache = real(self, input_ids, position_ids, attention_mask, *past_flat)
+        return (logits + 0.01, *cache)
+
+    monkeypatch.setattr(export.LMGraph, "forward", off_by_a_bit)
+    with pytest.raises(ParityError, match="max \\|logit diff\\|"):
+        export_lm_onnx(ExportConfig(), trained["pre"], trained["tokenizer"], lm_package.package_dir)
+    after = {p.name: p.read_bytes() for p in Path(lm_package.package_dir).iterdir()}
+    assert after == before
