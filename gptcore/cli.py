@@ -157,9 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def console_logging() -> None:
+    """gptcore's progress lines on stderr; other libraries keep their own levels (no httpx chatter)."""
+    logger = logging.getLogger("gptcore")
+    if not any(getattr(h, "_gptcore_console", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+        handler._gptcore_console = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # Prefect's console handler on the root logger would print each line again
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    console_logging()
     try:
         cfg = load_config(args.config, args.preset)  # validated here, before any work starts
         args.fn(args, cfg)

@@ -19,7 +19,7 @@ from gptcore.checkpoint import load_classifier, load_lm
 from gptcore.config import EvalConfig
 from gptcore.errors import InputError
 from gptcore.finetune import load_finetuned, make_passages, predict
-from gptcore.fsutil import atomic_file, read_json, write_json
+from gptcore.fsutil import atomic_file, read_stage_output, write_json
 from gptcore.metrics import bits_per_byte, classification_report, majority_baseline, unigram_nats
 from gptcore.model import GPT
 from gptcore.pretrain import load_pretrained
@@ -178,6 +178,4 @@ def evaluate_classifier(
 
 def read_eval(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no evaluation here; run `gptcore evaluate` first")
-    return read_json(path)
+    return read_stage_output(path.parent, path.name, "evaluation", "evaluate")

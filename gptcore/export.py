@@ -15,8 +15,10 @@ tokens); otherwise the stage raises `ParityError` and leaves any earlier package
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,9 +61,24 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[
             dynamic_shapes: dict, opset: int) -> None:
     # One self-contained file unless the weights pass protobuf's 2 GB limit (then model.onnx.data beside it).
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
-                      dynamic_shapes=dynamic_shapes, dynamo=True, opset_version=opset, verbose=False,
-                      external_data=weight_bytes > 1 << 30)
+    with warnings.catch_warnings(), quiet_logger("torch.onnx._internal.exporter._registration"):
+        # The exporter notes that axes sharing one constraint share a name, and that torchvision
+        # (which we do not use) is missing: neither says anything about our graph.
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used", category=UserWarning)
+        torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
+                          dynamic_shapes=dynamic_shapes, dynamo=True, opset_version=opset, verbose=False,
+                          external_data=weight_bytes > 1 << 30)
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def export_lm_graph(gpt: GPT, path: Path, opset: int) -> None:

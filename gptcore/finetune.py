@@ -23,7 +23,7 @@ from gptcore.checkpoint import load_lm
 from gptcore.config import FinetuneConfig
 from gptcore.data.ingest import read_split
 from gptcore.errors import InputError
-from gptcore.fsutil import read_json, write_json
+from gptcore.fsutil import read_stage_output, write_json
 from gptcore.metrics import classification_report
 from gptcore.model import GPTClassifier
 from gptcore.pretrain import load_pretrained
@@ -200,7 +200,4 @@ def finetune(
 
 
 def load_finetuned(out_dir: str | Path) -> FinetuneResult:
-    path = Path(out_dir) / "result.json"
-    if not path.is_file():
-        raise InputError(f"{out_dir}: no fine-tuned model here (missing result.json); run `gptcore finetune` first")
-    return FinetuneResult(**read_json(path))
+    return FinetuneResult(**read_stage_output(out_dir, "result.json", "fine-tuned model", "finetune"))

@@ -17,7 +17,7 @@ import torch
 
 from gptcore.config import ModelConfig, TrainConfig
 from gptcore.errors import InputError
-from gptcore.fsutil import read_json, write_json
+from gptcore.fsutil import read_stage_output, write_json
 from gptcore.model import GPT
 from gptcore.tokenizer import load_tokenized, read_tokens
 from gptcore.tracking import Tracking, stage_run
@@ -131,7 +131,4 @@ def pretrain(
 
 
 def load_pretrained(out_dir: str | Path) -> PretrainResult:
-    path = Path(out_dir) / "result.json"
-    if not path.is_file():
-        raise InputError(f"{out_dir}: no pretrained model here (missing result.json); run `gptcore pretrain` first")
-    return PretrainResult(**read_json(path))
+    return PretrainResult(**read_stage_output(out_dir, "result.json", "pretrained model", "pretrain"))

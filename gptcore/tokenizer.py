@@ -22,7 +22,7 @@ import numpy as np
 from gptcore.config import TokenizerConfig
 from gptcore.data.ingest import SPLITS, load_ingest, read_split
 from gptcore.errors import InputError
-from gptcore.fsutil import atomic_dir, read_json, sha256_file, write_json
+from gptcore.fsutil import atomic_dir, read_stage_output, sha256_file, write_json
 from gptcore.tracking import Tracking, stage_run
 
 log = logging.getLogger("gptcore.tokenizer")
@@ -162,10 +162,7 @@ def train_tokenizer(
 
 def load_tokenized(out_dir: str | Path) -> TokenizerResult:
     """The result of an earlier `train_tokenizer` into `out_dir`, from its manifest."""
-    path = Path(out_dir) / "tokens.json"
-    if not path.is_file():
-        raise InputError(f"{out_dir}: no tokenized corpus here (missing tokens.json); run `gptcore tokenizer` first")
-    m = read_json(path)
+    m = read_stage_output(out_dir, "tokens.json", "tokenized corpus", "tokenizer")
     return TokenizerResult(
         out_dir=str(out_dir),
         tokenizer_path=str(Path(out_dir) / "tokenizer.json"),

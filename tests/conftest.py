@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gptcore.config import IngestConfig, ModelConfig, TokenizerConfig, TrainConfig
+from gptcore.config import ExportConfig, FinetuneConfig, IngestConfig, ModelConfig, TokenizerConfig, TrainConfig
 from gptcore.tracking import Tracking, TrackingSettings
 
 WORDS = {
@@ -58,3 +58,36 @@ def mlflow_tracking(tmp_path) -> Tracking:
     """A real MLflow store (SQLite file + local artifacts) private to the test."""
     return Tracking(TrackingSettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", registry_uri=None,
                                      artifact_location=str(tmp_path / "artifacts"), experiment="test"))
+
+
+@pytest.fixture(scope="session")
+def trained(small_corpus, tmp_path_factory):
+    """A tiny GPT pretrained and a classifier fine-tuned on the small corpus."""
+    from gptcore.finetune import finetune
+    from gptcore.pretrain import pretrain
+
+    root = tmp_path_factory.mktemp("trained")
+    pretrain(ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=32),
+             TrainConfig(max_steps=30, batch_size=8, warmup_steps=2, eval_interval=30, checkpoint_interval=30, device="cpu"),
+             small_corpus["tokenizer"], root / "pre")
+    finetune(FinetuneConfig(label_field="label", passage_tokens=24, max_steps=30, batch_size=16, warmup_steps=2,
+                            eval_interval=30, checkpoint_interval=30, device="cpu"),
+             root / "pre", small_corpus["data"], small_corpus["tokenizer"], root / "ft")
+    return {**small_corpus, "pre": root / "pre", "ft": root / "ft", "root": root}
+
+
+@pytest.fixture(scope="session")
+def lm_package(trained):
+    """The tiny GPT exported to an ONNX package (parity-checked)."""
+    from gptcore.export import export_lm_onnx
+
+    return export_lm_onnx(ExportConfig(), trained["pre"], trained["tokenizer"], trained["root"] / "lm")
+
+
+@pytest.fixture(scope="session")
+def classifier_package(trained):
+    """The tiny classifier exported to an ONNX package (parity-checked)."""
+    from gptcore.export import export_classifier_onnx
+
+    return export_classifier_onnx(ExportConfig(), trained["ft"], trained["data"], trained["tokenizer"],
+                                  trained["root"] / "clf")

@@ -1,6 +1,5 @@
 """ONNX export of both models and their parity with PyTorch, in real ONNX Runtime sessions."""
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -9,31 +8,11 @@ import pytest
 import torch
 
 from gptcore.checkpoint import load_lm
-from gptcore.config import ExportConfig, FinetuneConfig, ModelConfig, TrainConfig
+from gptcore.config import ExportConfig
 from gptcore.errors import ParityError
-from gptcore.export import export_classifier_onnx, export_lm_onnx
-from gptcore.finetune import finetune
-from gptcore.pretrain import pretrain
+from gptcore.export import export_lm_onnx
 from gptcore.runtime import OnnxClassifier, OnnxLM, load_model
 from gptcore.tokenizer import load_tokenized, read_tokens
-
-
-@pytest.fixture(scope="module")
-def trained(small_corpus, tmp_path_factory):
-    root = tmp_path_factory.mktemp("trained")
-    pretrain(ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=32),
-             TrainConfig(max_steps=30, batch_size=8, warmup_steps=2, eval_interval=30, checkpoint_interval=30, device="cpu"),
-             small_corpus["tokenizer"], root / "pre")
-    finetune(FinetuneConfig(label_field="label", passage_tokens=24, max_steps=30, batch_size=16, warmup_steps=2,
-                            eval_interval=30, checkpoint_interval=30, device="cpu"),
-             root / "pre", small_corpus["data"], small_corpus["tokenizer"], root / "ft")
-    return {**small_corpus, "pre": root / "pre", "ft": root / "ft", "root": root}
-
-
-@pytest.fixture(scope="module")
-def lm_package(trained):
-    result = export_lm_onnx(ExportConfig(), trained["pre"], trained["tokenizer"], trained["root"] / "lm")
-    return result
 
 
 def test_lm_package_is_complete_and_parity_holds(lm_package):
@@ -72,9 +51,8 @@ def test_empty_cache_first_step_then_decode_matches_torch(trained, lm_package):
         assert np.abs(logits[:, 0] - ref[:, t]).max() < 1e-4
 
 
-def test_classifier_export_parity(trained):
-    result = export_classifier_onnx(ExportConfig(), trained["ft"], trained["data"], trained["tokenizer"],
-                                    trained["root"] / "clf")
+def test_classifier_export_parity(classifier_package):
+    result = classifier_package
     assert result.parity["max_abs_logit_diff"] <= 1e-3
     assert result.parity["predictions_equal"] == result.parity["inputs"] > 0
     clf = load_model(result.package_dir, device="cpu")

@@ -20,13 +20,15 @@ def prefect_server():
 def test_tiny_pipeline_end_to_end(prefect_server, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from flows.pipeline import run_pipeline
+    from flows.pipeline import pipeline_flow
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("GPTCORE_MLFLOW_CONFIG", raising=False)
     monkeypatch.chdir(tmp_path)  # no ./mlflow.yaml here: the defaults put MLflow in the work directory
     workdir = tmp_path / "work"
-    summary = run_pipeline("tiny", workdir=workdir)
+    state = pipeline_flow(preset="tiny", workdir=str(workdir), return_state=True)
+    assert state.is_completed()
+    summary = state.result()
     h = summary["headline"]
 
     assert summary["tracking_uri"] == f"sqlite:///{workdir.resolve()}/mlflow.db"
@@ -56,3 +58,22 @@ def test_tiny_pipeline_end_to_end(prefect_server, tmp_path, monkeypatch):
     assert children == {"ingest", "tokenizer", "pretrain", "finetune", "evaluate_lm", "evaluate_classifier",
                         "export_lm", "export_classifier", "register_lm", "register_classifier", "score"}
     assert Path(workdir / "eval" / "samples.txt").read_text().count("--- prompt") == 3
+
+    # the stages' own log lines reach the Prefect run, not only the console
+    messages = prefect_logs(state.state_details.flow_run_id)
+    assert any("pretrain: step" in m and "ETA" in m for m in messages)
+    assert any(m.startswith("register: gptcore-classifier v1") for m in messages)
+
+
+def prefect_logs(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # send what is still queued
+    log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+    messages: list[str] = []
+    with get_client(sync_client=True) as client:
+        while page := client.read_logs(log_filter=log_filter, limit=200, offset=len(messages)):
+            messages += [log.message for log in page]
+    return messages

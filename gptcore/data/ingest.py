@@ -20,7 +20,7 @@ from pathlib import Path
 from gptcore.config import IngestConfig
 from gptcore.data.sources import Document, read_sources
 from gptcore.errors import InputError
-from gptcore.fsutil import atomic_dir, read_json, write_json
+from gptcore.fsutil import atomic_dir, read_stage_output, write_json
 from gptcore.tracking import Tracking, stage_run
 
 log = logging.getLogger("gptcore.data")
@@ -165,11 +165,8 @@ def ingest(cfg: IngestConfig, out_dir: str | Path, tracking: Tracking | None = N
 
 def load_ingest(out_dir: str | Path) -> IngestResult:
     """The result of an earlier `ingest` into `out_dir`, from its manifest."""
-    path = Path(out_dir) / "manifest.json"
-    if not path.is_file():
-        raise InputError(f"{out_dir}: no ingested corpus here (missing manifest.json); run `gptcore ingest` first")
-    m = read_json(path)
-    return IngestResult(str(out_dir), str(path), m["digest"],
+    m = read_stage_output(out_dir, "manifest.json", "ingested corpus", "ingest")
+    return IngestResult(str(out_dir), str(Path(out_dir) / "manifest.json"), m["digest"],
                         {s: m["splits"][s]["documents"] for s in SPLITS}, {s: m["splits"][s]["bytes"] for s in SPLITS})
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from gptcore.errors import GptcoreError
@@ -10,6 +11,11 @@ from gptcore.errors import GptcoreError
 log = logging.getLogger("gptcore.runtime")
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+
+
+def nvidia_driver() -> bool:
+    """Whether an NVIDIA driver is loaded: onnxruntime-gpu lists CUDA as available even where none is."""
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidia0")
 
 
 def make_session(onnx_path: str | Path, device: str = "auto", threads: int | None = None):
@@ -23,7 +29,7 @@ def make_session(onnx_path: str | Path, device: str = "auto", threads: int | Non
             ort.preload_dlls()  # loads CUDA/cuDNN from pip-installed nvidia-* wheels when present
         except Exception as e:  # a failed preload is reported below, as the provider missing
             log.debug("onnxruntime.preload_dlls() failed: %s", e)
-    wants_cuda = device == "cuda" or (device == "auto" and CUDA in ort.get_available_providers())
+    wants_cuda = device == "cuda" or (device == "auto" and CUDA in ort.get_available_providers() and nvidia_driver())
     providers = [CUDA, CPU] if wants_cuda else [CPU]
     options = ort.SessionOptions()
     if threads:
