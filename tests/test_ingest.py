@@ -97,8 +97,8 @@ def test_txt_and_md_files_are_one_document_each(tmp_path):
     (src / "notes.rst").write_text("ignored: not a supported suffix\n", encoding="utf-8")
     ingest(IngestConfig(sources=[str(src)]), tmp_path / "out", tracking=None)
     rows = all_rows(tmp_path / "out")
-    assert {r["id"]: r["text"] for r in rows} == {str(src / name): text for name, text in contents.items()}
-    assert all(r["source"] == r["id"] for r in rows)
+    assert {r["id"]: r["text"] for r in rows} == contents  # ids relative to the source directory
+    assert all(r["source"] == str(src / r["id"]) for r in rows)  # the source column keeps the real path
 
 
 def test_jsonl_keeps_requested_metadata_as_a_column(tmp_path):
@@ -108,7 +108,7 @@ def test_jsonl_keeps_requested_metadata_as_a_column(tmp_path):
     rows = all_rows(tmp_path / "out")
     assert set(rows[0]) == {"id", "text", "source", "label"}  # 'extra' was not asked for
     assert sorted((r["text"], r["label"]) for r in rows) == sorted((r["text"], r["label"]) for r in records)
-    assert {r["id"] for r in rows} == {f"{path}:{i}" for i in range(1, 7)}  # file:line
+    assert {r["id"] for r in rows} == {f"{path.name}:{i}" for i in range(1, 7)}  # file:line
     assert sum(result.documents.values()) == 6
 
 
@@ -118,7 +118,7 @@ def test_jsonl_blank_lines_are_skipped_and_line_numbers_kept(tmp_path):
                                json.dumps({"text": "three"})]) + "\n", encoding="utf-8")
     ingest(IngestConfig(sources=[str(path)]), tmp_path / "out", tracking=None)
     assert {r["id"]: r["text"] for r in all_rows(tmp_path / "out")} == \
-        {f"{path}:2": "one", f"{path}:4": "two", f"{path}:5": "three"}
+        {f"{path.name}:2": "one", f"{path.name}:4": "two", f"{path.name}:5": "three"}
 
 
 def test_parquet_source_with_metadata(tmp_path):
@@ -130,7 +130,7 @@ def test_parquet_source_with_metadata(tmp_path):
     rows = all_rows(tmp_path / "out")
     assert set(rows[0]) == {"id", "text", "source", "label"}
     assert sorted((r["id"], r["text"], r["label"]) for r in rows) == \
-        sorted((f"{path}:{i}", t, lab) for i, (t, lab) in enumerate(zip(texts(5), "ababa")))
+        sorted((f"{path.name}:{i}", t, lab) for i, (t, lab) in enumerate(zip(texts(5), "ababa")))
 
 
 def test_glob_source_matches_only_its_pattern(tmp_path):
@@ -161,7 +161,7 @@ def test_text_is_nfc_normalised_with_lf_line_endings(tmp_path):
     for i, t in enumerate(texts(3)):
         (src / f"pad{i}.txt").write_text(t, encoding="utf-8")
     result = ingest(IngestConfig(sources=[str(src)]), tmp_path / "out", tracking=None)
-    text = {r["id"]: r["text"] for r in all_rows(tmp_path / "out")}[str(src / "a.txt")]
+    text = {r["id"]: r["text"] for r in all_rows(tmp_path / "out")}["a.txt"]
     assert text == "caf\u00e9 one\ntwo\nthree\n"
     assert sum(result.bytes.values()) == len(text.encode()) + sum(len(t.encode()) for t in texts(3))
 
@@ -178,7 +178,7 @@ def test_exact_duplicates_after_normalisation_are_dropped_and_counted(tmp_path):
     assert manifest["dropped"] == {"duplicate": 3, "empty": 2}
     rows = all_rows(tmp_path / "out")
     assert sorted(r["text"] for r in rows) == sorted(texts(4) + ["caf\u00e9\n"])
-    assert str(tmp_path / "nfd.txt") in {r["id"] for r in rows}  # the first occurrence is kept
+    assert "nfd.txt" in {r["id"] for r in rows}  # the first occurrence is kept
 
     kept = ingest(IngestConfig(sources=sources, dedup=False), tmp_path / "all", tracking=None)
     assert sum(kept.documents.values()) == 8
@@ -394,3 +394,23 @@ def test_atomic_file_success_replaces_the_file(tmp_path):
         assert final.read_text() == "old"
     assert final.read_text() == "new"
     assert os.listdir(tmp_path) == ["f.json"]
+
+
+def test_unreachable_hugging_face_dataset_says_what_it_needs(tmp_path, monkeypatch):
+    """Offline (no hub, not in the cache): a clear error naming the dataset, not a stack of HTTP errors."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(InputError, match=r"hf:gptcore-test/absent.*could not load.*hub to be reachable"):
+        ingest(IngestConfig(sources=["hf:gptcore-test/absent"]), tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+
+
+def test_split_does_not_depend_on_where_the_corpus_lies(tmp_path):
+    """Ids are relative to the source, so a moved or re-spelled corpus splits the same way."""
+    for name in ("here", "there"):
+        (tmp_path / name).mkdir()
+        write_jsonl(tmp_path / name / "corpus.jsonl", [{"text": t} for t in texts(30)])
+    a = ingest(IngestConfig(sources=[str(tmp_path / "here" / "corpus.jsonl")]), tmp_path / "a", tracking=None)
+    b = ingest(IngestConfig(sources=[str(tmp_path / "there") + "/"]), tmp_path / "b", tracking=None)
+    assert a.digest == b.digest

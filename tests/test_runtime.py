@@ -47,9 +47,14 @@ def test_sampling_is_reproducible_with_a_seed(lm):
 
 
 def test_left_padded_batch_equals_one_at_a_time(lm):
-    prompts = ["wave", "hill field plough barn wheat"]
-    batch = lm.generate_batch(prompts, max_new_tokens=12, temperature=0.0)
-    assert batch == [lm.generate(p, max_new_tokens=12, temperature=0.0) for p in prompts]
+    prompts = ["wave", "hill field"]  # at most 10 tokens (bytes), so 10 + 8 new ones fit the 32-token context
+    batch = lm.generate_batch(prompts, max_new_tokens=8, temperature=0.0)
+    assert batch == [lm.generate(p, max_new_tokens=8, temperature=0.0) for p in prompts]
+
+
+def test_batch_that_would_overflow_the_context_is_refused(lm):
+    with pytest.raises(ValueError, match="exceeds the context"):
+        lm.generate_batch(["wave"], max_new_tokens=lm.block_size)
 
 
 @pytest.mark.parametrize("kwargs, field", [

@@ -11,6 +11,7 @@ import glob
 import importlib.resources
 import json
 import logging
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ def read_source(spec: str, text_field: str, metadata_fields: list[str]) -> Itera
             "use 'shakespeare', a path or glob of files, or 'hf:NAME[:CONFIG][@SPLIT]'"
         )
     for path in expand_paths(spec):
-        yield from read_file(path, text_field, metadata_fields)
+        yield from read_file(path, text_field, metadata_fields, key=stable_name(path, spec))
 
 
 def expand_paths(spec: str) -> list[Path]:
@@ -75,14 +76,32 @@ def expand_paths(spec: str) -> list[Path]:
     return [path]
 
 
-def read_file(path: Path, text_field: str, metadata_fields: list[str]) -> Iterator[Document]:
+def stable_name(path: Path, spec: str) -> str:
+    """The file's name relative to its source (directory, or a glob's fixed prefix).
+
+    Document ids build on it, and the split hashes ids: the same corpus splits the same way
+    wherever it lies and however its path is spelled.
+    """
+    if glob.has_magic(spec):
+        prefix = re.split(r"[*?\[]", spec, maxsplit=1)[0]  # the part before the first wildcard
+        root = Path(prefix) if prefix.endswith(("/", os.sep)) else Path(prefix).parent
+    elif Path(spec).is_dir():
+        root = Path(spec)
+    else:
+        return path.name
+    return path.resolve().relative_to(root.resolve()).as_posix()
+
+
+def read_file(path: Path, text_field: str, metadata_fields: list[str], key: str | None = None) -> Iterator[Document]:
+    """Documents of one file; ids start with `key` (default: the file name)."""
+    key = key or path.name
     suffix = path.suffix.lower()
     if suffix in (".txt", ".md"):
-        yield Document(id=str(path), text=decode_utf8(path.read_bytes(), path), source=str(path))
+        yield Document(id=key, text=decode_utf8(path.read_bytes(), path), source=str(path))
     elif suffix == ".jsonl":
-        yield from read_jsonl(path, text_field, metadata_fields)
+        yield from read_jsonl(path, text_field, metadata_fields, key)
     elif suffix == ".parquet":
-        yield from read_parquet(path, text_field, metadata_fields)
+        yield from read_parquet(path, text_field, metadata_fields, key)
     else:
         raise InputError(f"{path}: unsupported file type {suffix!r}; supported: {', '.join(FILE_SUFFIXES)}")
 
@@ -109,7 +128,7 @@ def _record_fields(record: Any, where: str, text_field: str, metadata_fields: li
     return text, {name: record[name] for name in metadata_fields}
 
 
-def read_jsonl(path: Path, text_field: str, metadata_fields: list[str]) -> Iterator[Document]:
+def read_jsonl(path: Path, text_field: str, metadata_fields: list[str], key: str) -> Iterator[Document]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
@@ -121,10 +140,10 @@ def read_jsonl(path: Path, text_field: str, metadata_fields: list[str]) -> Itera
             except json.JSONDecodeError as e:
                 raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             text, meta = _record_fields(record, where, text_field, metadata_fields)
-            yield Document(id=f"{path}:{lineno}", text=text, source=str(path), metadata=meta)
+            yield Document(id=f"{key}:{lineno}", text=text, source=str(path), metadata=meta)
 
 
-def read_parquet(path: Path, text_field: str, metadata_fields: list[str]) -> Iterator[Document]:
+def read_parquet(path: Path, text_field: str, metadata_fields: list[str], key: str) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
     try:
@@ -139,7 +158,7 @@ def read_parquet(path: Path, text_field: str, metadata_fields: list[str]) -> Ite
     for batch in pfile.iter_batches(columns=[text_field, *metadata_fields]):
         for record in batch.to_pylist():
             text, meta = _record_fields(record, f"{path}: row {row}", text_field, metadata_fields)
-            yield Document(id=f"{path}:{row}", text=text, source=str(path), metadata=meta)
+            yield Document(id=f"{key}:{row}", text=text, source=str(path), metadata=meta)
             row += 1
 
 
