@@ -9,6 +9,7 @@ a nested run per stage. With no Prefect server configured, Prefect starts a temp
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -51,20 +52,35 @@ register_task = _stage(register, "register", retries=3, retry_delay_seconds=[2, 
 score_task = _stage(score, "score")
 
 
-def send_gptcore_logs_to_prefect() -> None:
-    """What PREFECT_LOGGING_EXTRA_LOGGERS=gptcore does, whenever Prefect set up its logging."""
+@contextlib.contextmanager
+def gptcore_logs_to_prefect():
+    """What PREFECT_LOGGING_EXTRA_LOGGERS=gptcore does, for the length of one flow run.
+
+    The handlers come off again afterwards: outside a flow run they have no run to send to.
+    """
     target = logging.getLogger("gptcore")
+    added = [h for h in logging.getLogger("prefect.extra").handlers if h not in target.handlers]
+    level = target.level
     target.setLevel(logging.INFO)
-    for handler in logging.getLogger("prefect.extra").handlers:
-        if handler not in target.handlers:
-            target.addHandler(handler)
+    for handler in added:
+        target.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in added:
+            target.removeHandler(handler)
+        target.setLevel(level)
 
 
 @flow(name="gptcore-pipeline")
 def pipeline_flow(preset: str = "default", config_path: str | None = None, workdir: str = "gptcore-work",
                   mlflow_config: str | None = None) -> dict[str, Any]:
     """Build, evaluate, export, register and serve a GPT and a classifier from the configured corpus."""
-    send_gptcore_logs_to_prefect()
+    with gptcore_logs_to_prefect():
+        return _pipeline(preset, config_path, workdir, mlflow_config)
+
+
+def _pipeline(preset: str, config_path: str | None, workdir: str, mlflow_config: str | None) -> dict[str, Any]:
     logger = get_run_logger()
     start = time.perf_counter()
     cfg = load_config(config_path, preset)
