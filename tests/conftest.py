@@ -68,7 +68,8 @@ def trained(small_corpus, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("trained")
     pretrain(ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=32),
-             TrainConfig(max_steps=30, batch_size=8, warmup_steps=2, eval_interval=30, checkpoint_interval=30, device="cpu"),
+             TrainConfig(max_steps=100, batch_size=8, warmup_steps=5, eval_interval=50, checkpoint_interval=100,
+                         device="cpu"),
              small_corpus["tokenizer"], root / "pre")
     finetune(FinetuneConfig(label_field="label", passage_tokens=24, max_steps=80, batch_size=16, warmup_steps=5,
                             eval_interval=40, checkpoint_interval=80, device="cpu"),
