@@ -398,9 +398,14 @@ def test_atomic_file_success_replaces_the_file(tmp_path):
 
 def test_unreachable_hugging_face_dataset_says_what_it_needs(tmp_path, monkeypatch):
     """Offline (no hub, not in the cache): a clear error naming the dataset, not a stack of HTTP errors."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    # the libraries read these at import: set the module constants as well as the environment
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf", raising=False)
     with pytest.raises(InputError, match=r"hf:gptcore-test/absent.*could not load.*hub to be reachable"):
         ingest(IngestConfig(sources=["hf:gptcore-test/absent"]), tmp_path / "data")
     assert not (tmp_path / "data").exists()

@@ -1,7 +1,7 @@
-"""Torch-free inference over gptcore's ONNX model packages: onnxruntime, tokenizers and numpy.
+"""Torch-free inference over gptcore's ONNX model packages: onnxruntime, tokenizers, numpy, pyarrow.
 
-Downstream apps and batch jobs import this without torch, Prefect or datasets; MLflow is
-imported only to resolve a `models:/` or `runs:/` URI.
+Downstream apps and batch jobs import this without torch, Prefect or datasets installed; MLflow
+is imported only to resolve a `models:/` or `runs:/` URI.
 
     from gptcore.runtime import load_model
     lm = load_model("models:/gptcore-lm@champion")
@@ -19,11 +19,11 @@ from gptcore.runtime.scoring import score_file
 
 
 def load_model(uri_or_path: str | Path, device: str = "auto", threads: int | None = None,
-               tracking_uri: str | None = None) -> OnnxLM | OnnxClassifier:
-    """The model behind a package directory or registry URI, as an `OnnxLM` or `OnnxClassifier`."""
-    package = load_package(resolve_model_uri(uri_or_path, tracking_uri))
-    cls = OnnxLM if package.kind == "lm" else OnnxClassifier
-    return cls(package, device=device, threads=threads)
+               tracking_uri: str | None = None, registry_uri: str | None = None) -> OnnxLM | OnnxClassifier:
+    """The model behind a package directory or MLflow URI: an `OnnxLM` or an `OnnxClassifier`, by its kind."""
+    package = load_package(resolve_model_uri(uri_or_path, tracking_uri, registry_uri))
+    model_class = OnnxLM if package.kind == "lm" else OnnxClassifier
+    return model_class(package, device=device, threads=threads)
 
 
 __all__ = ["ModelPackage", "OnnxClassifier", "OnnxLM", "load_model", "load_package", "resolve_model_uri", "score_file"]

@@ -9,6 +9,7 @@ position 0.
 from __future__ import annotations
 
 import math
+from numbers import Integral, Real
 
 import numpy as np
 
@@ -21,31 +22,33 @@ MAX_BATCH = 64
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
-        raise ValueError(f"max_new_tokens: must be in [1, {MAX_NEW_TOKENS}], got {max_new_tokens}")
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature: must be a finite number >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k: must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p: must be in (0, 1], got {top_p}")
+    is_int = isinstance(max_new_tokens, Integral) and not isinstance(max_new_tokens, bool)
+    if not (is_int and 1 <= max_new_tokens <= MAX_NEW_TOKENS):
+        raise ValueError(f"max_new_tokens: must be an integer in [1, {MAX_NEW_TOKENS}], got {max_new_tokens!r}")
+    if not (isinstance(temperature, Real) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature: must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, Integral) or top_k < 1):
+        raise ValueError(f"top_k: must be an integer >= 1 or None, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, Real) and 0 < top_p <= 1):
+        raise ValueError(f"top_p: must be in (0, 1] or None, got {top_p!r}")
 
 
 def sample(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None,
            rng: np.random.Generator) -> np.ndarray:
-    """(B, V) logits -> (B,) next ids; temperature 0 is greedy (first maximum on ties, like torch)."""
+    """(B, V) logits -> (B,) next ids. Temperature 0 is greedy: the first maximum on ties, like torch."""
     if temperature == 0:
         return logits.argmax(axis=-1)
     z = logits.astype(np.float64) / temperature
     if top_k is not None and top_k < z.shape[-1]:
-        kth = np.sort(z, axis=-1)[:, -top_k][:, None]
+        kth = np.sort(z, axis=-1)[:, -top_k, None]  # (B, 1); ties with the k-th stay in, as in torch
         z = np.where(z < kth, -np.inf, z)
     probs = np.exp(z - z.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
     if top_p is not None and top_p < 1:
-        order = np.argsort(-probs, axis=-1)
+        order = np.argsort(-probs, axis=-1, kind="stable")
         sorted_p = np.take_along_axis(probs, order, axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass before it
+        # already does. The most likely token is therefore always kept.
         drop_sorted = np.cumsum(sorted_p, axis=-1) - sorted_p >= top_p
         drop = np.zeros_like(drop_sorted)
         np.put_along_axis(drop, order, drop_sorted, axis=-1)
@@ -61,7 +64,7 @@ class OnnxLM:
         m = package.meta
         self.package, self.tokenizer = package, package.tokenizer
         self.block_size, self.n_layer = m["block_size"], m["n_layer"]
-        self.n_head, self.head_dim = m["n_head"], m["head_dim"]
+        self.n_head, self.head_dim, self.vocab_size = m["n_head"], m["head_dim"], m["vocab_size"]
         self.eos_id, self.pad_id = m["eos_token_id"], m["pad_token_id"]
         self.session = make_session(package.onnx_path, device, threads)
         self.cache_in = [f"past_{kind}_{i}" for i in range(self.n_layer) for kind in ("key", "value")]
@@ -76,11 +79,11 @@ class OnnxLM:
 
     def step(self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray,
              cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One graph call: (B, T) new ids -> (B, T, V) logits and the grown cache."""
+        """One graph call: (B, T) new ids, positions, (B, P + T) mask -> (B, T, V) logits and the grown cache."""
         feed = {"input_ids": ids.astype(np.int64), "position_ids": positions.astype(np.int64),
                 "attention_mask": mask.astype(np.int64), **dict(zip(self.cache_in, cache))}
-        out = self.session.run(["logits", *self.cache_out], feed)
-        return out[0], out[1:]
+        logits, *present = self.session.run(["logits", *self.cache_out], feed)
+        return logits, present
 
     def forward_logits(self, ids: np.ndarray) -> np.ndarray:
         """(B, T) ids, no padding, empty cache -> (B, T, V) logits."""
@@ -92,16 +95,14 @@ class OnnxLM:
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 1.0,
                      top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                      stop_at_eos: bool = True) -> list[int]:
-        """New token ids after `prompt_ids`."""
+        """New token ids after `prompt_ids` (the end-of-text id ends them early unless stop_at_eos=False)."""
         check_sampling(max_new_tokens, temperature, top_k, top_p)
-        if not prompt_ids:
-            raise ValueError("prompt: must hold at least one token")
+        self.check_ids(prompt_ids)
         rng = np.random.default_rng(seed)
         ids = list(prompt_ids)
-        window = ids[-self.block_size :]
-        cache, pos, new = None, 0, []
+        window, cache, pos, new = ids[-self.block_size :], self.empty_cache(1), 0, []
         for _ in range(max_new_tokens):
-            if cache is None or pos + len(window) > self.block_size:
+            if pos + len(window) > self.block_size:  # cache full: restart from the latest window
                 window, cache, pos = ids[-self.block_size :], self.empty_cache(1), 0
             T = len(window)
             logits, cache = self.step(np.array([window]), np.arange(pos, pos + T)[None], np.ones((1, pos + T)), cache)
@@ -114,9 +115,16 @@ class OnnxLM:
             window = [next_id]
         return new
 
+    def check_ids(self, ids: list[int]) -> None:
+        if len(ids) == 0:
+            raise ValueError("prompt: must hold at least one token")
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt: token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+
     def encode(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str) or not prompt:
-            raise ValueError("prompt: must be a non-empty string")
+            raise ValueError(f"prompt: must be a non-empty string, got {prompt!r}")
         return self.tokenizer.encode(prompt, add_special_tokens=False).ids
 
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
@@ -127,21 +135,28 @@ class OnnxLM:
 
     def generate_batch(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 1.0,
                        top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> list[str]:
-        """Continuations of several prompts in one batch: left padding + attention mask + cache."""
+        """Continuations of several prompts in one batch: left padding + attention mask + cache.
+
+        Rows share one cache, so the window cannot slide per row: the longest prompt plus the new
+        tokens must fit the context (greedy results then equal `generate` one prompt at a time).
+        """
         check_sampling(max_new_tokens, temperature, top_k, top_p)
-        if not 1 <= len(prompts) <= MAX_BATCH:
-            raise ValueError(f"prompts: batch size must be in [1, {MAX_BATCH}], got {len(prompts)}")
-        encoded = [self.encode(p) for p in prompts]
+        if not isinstance(prompts, (list, tuple)) or not 1 <= len(prompts) <= MAX_BATCH:
+            raise ValueError(f"prompts: batch size must be in [1, {MAX_BATCH}], got "
+                             f"{len(prompts) if isinstance(prompts, (list, tuple)) else type(prompts).__name__}")
+        encoded = [self.encode(p)[-self.block_size :] for p in prompts]
         width = max(len(e) for e in encoded)
-        if width + max_new_tokens > self.block_size:
-            raise ValueError(f"longest prompt ({width} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                             f"context of {self.block_size} tokens; generate one prompt at a time to slide the window")
+        # The last new token is never fed back, so it needs no position.
+        if width + max_new_tokens - 1 > self.block_size:
+            raise ValueError(f"max_new_tokens: the longest prompt ({width} tokens) + {max_new_tokens} new tokens "
+                             f"exceeds the context of {self.block_size} tokens; generate one prompt at a time "
+                             "to slide the window")
         B = len(prompts)
         ids = np.full((B, width), self.pad_id, dtype=np.int64)
         mask = np.zeros((B, width), dtype=np.int64)
         for i, e in enumerate(encoded):
             ids[i, width - len(e) :], mask[i, width - len(e) :] = e, 1
-        positions = np.clip(mask.cumsum(axis=1) - 1, 0, None)
+        positions = np.clip(mask.cumsum(axis=1) - 1, 0, None)  # each row counts from its first real token
         rng = np.random.default_rng(seed)
         cache, out, done = self.empty_cache(B), [[] for _ in range(B)], np.zeros(B, dtype=bool)
         for _ in range(max_new_tokens):

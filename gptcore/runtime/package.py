@@ -15,65 +15,100 @@ from gptcore.fsutil import read_json
 FORMAT_VERSION = 1
 KINDS = ("lm", "classifier")
 FILES = ("model.onnx", "tokenizer.json", "gptcore_model.json")
+INT_FIELDS = ("block_size", "n_layer", "n_head", "head_dim", "vocab_size", "eos_token_id", "pad_token_id")
 
 
 @dataclass
 class ModelPackage:
     path: Path
-    meta: dict[str, Any]
+    kind: str  # "lm" or "classifier"
+    meta: dict[str, Any]  # gptcore_model.json
     tokenizer: Any  # tokenizers.Tokenizer
-
-    @property
-    def kind(self) -> str:
-        return self.meta["kind"]
 
     @property
     def onnx_path(self) -> Path:
         return self.path / "model.onnx"
 
 
+def check_meta(meta: Any, where: Path) -> None:
+    """Refuse a description this runtime would misread, naming the field."""
+    if not isinstance(meta, dict):
+        raise InputError(f"{where}: expected a JSON object")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{where}: format_version {meta.get('format_version')!r}; this runtime reads {FORMAT_VERSION}")
+    if meta.get("kind") not in KINDS:
+        raise InputError(f"{where}: unknown kind {meta.get('kind')!r}; known: {', '.join(KINDS)}")
+    for field in INT_FIELDS:
+        value = meta.get(field)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InputError(f"{where}: field {field!r} must be a non-negative integer, got {value!r}")
+    if meta["kind"] == "classifier":
+        labels = meta.get("labels")
+        if not (isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)):
+            raise InputError(f"{where}: field 'labels' must be a non-empty list of strings, got {labels!r}")
+        if len(set(labels)) != len(labels):
+            raise InputError(f"{where}: field 'labels' repeats a label: {labels}")
+
+
 def load_package(path: str | Path) -> ModelPackage:
+    """The package in directory `path`, checked: its files exist and its description is readable."""
     from tokenizers import Tokenizer
 
     path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: no such model package directory")
     for name in FILES:
         if not (path / name).is_file():
-            raise InputError(f"{path / name}: missing; {path} is not a gptcore model package")
-    meta = read_json(path / "gptcore_model.json")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise InputError(f"{path / 'gptcore_model.json'}: format_version {meta.get('format_version')!r}, "
-                         f"this runtime reads {FORMAT_VERSION}")
-    if meta.get("kind") not in KINDS:
-        raise InputError(f"{path / 'gptcore_model.json'}: unknown kind {meta.get('kind')!r}; known: {KINDS}")
-    return ModelPackage(path, meta, Tokenizer.from_file(str(path / "tokenizer.json")))
+            raise InputError(f"{path / name}: missing; {path} is not a complete gptcore model package")
+    meta_path = path / "gptcore_model.json"
+    try:
+        meta = read_json(meta_path)
+    except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InputError(f"{meta_path}: not valid JSON: {e}") from None
+    check_meta(meta, meta_path)
+    try:
+        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+        raise InputError(f"{path / 'tokenizer.json'}: cannot be loaded as a tokenizer: {e}") from None
+    return ModelPackage(path, meta["kind"], meta, tokenizer)
 
 
-def resolve_model_uri(uri: str | Path, tracking_uri: str | None = None) -> Path:
+def resolve_model_uri(uri: str | Path, tracking_uri: str | None = None, registry_uri: str | None = None) -> Path:
     """A local package directory for `uri`: a path, `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `runs:/...`.
 
-    Registry URIs are resolved with an explicit client, so `tracking_uri` (default: MLflow's
-    own resolution, e.g. MLFLOW_TRACKING_URI) decides which registry is asked.
+    Registry and run URIs are downloaded from MLflow: `tracking_uri` (default: MLflow's own
+    resolution, e.g. MLFLOW_TRACKING_URI) and `registry_uri` (default: the tracking URI) say which
+    server. A local path is returned as is.
     """
     uri = str(uri)
-    if uri.startswith("models:/"):
-        from mlflow import MlflowClient
-        from mlflow.artifacts import download_artifacts
-
-        client = MlflowClient(tracking_uri=tracking_uri)
-        name, _, ref = uri[len("models:/") :].partition("@")
-        if ref:
-            version = client.get_model_version_by_alias(name, ref).version
-        else:
-            name, _, version = name.partition("/")
-            if not version:
-                raise InputError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-        source = client.get_model_version_download_uri(name, str(version))
-        return Path(download_artifacts(artifact_uri=source, tracking_uri=tracking_uri))
-    if uri.startswith("runs:/"):
-        from mlflow.artifacts import download_artifacts
-
-        return Path(download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri))
+    if uri.startswith(("models:/", "runs:/")):
+        return download_package(uri, tracking_uri, registry_uri or tracking_uri)
     path = Path(uri)
     if not path.is_dir():
-        raise InputError(f"{uri}: no such model package directory (or use models:/NAME@ALIAS)")
+        raise InputError(f"{uri}: no such model package directory (or use models:/NAME@ALIAS or runs:/RUN_ID/PATH)")
     return path
+
+
+def download_package(uri: str, tracking_uri: str | None, registry_uri: str | None) -> Path:
+    # MLflow is imported here only: serving from a local directory must not need it.
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if uri.startswith("runs:/"):
+            return Path(download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri))
+        # A models:/ URI handed to download_artifacts also drops MLflow's registered_model_meta
+        # file into the package; downloading the version's source gives exactly the package.
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+        name, _, alias = uri[len("models:/") :].partition("@")
+        if alias:
+            version = str(client.get_model_version_by_alias(name, alias).version)
+        else:
+            name, _, version = name.partition("/")
+            if not name or not version:
+                raise InputError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+        source = client.get_model_version_download_uri(name, version)
+        return Path(download_artifacts(artifact_uri=source, tracking_uri=tracking_uri))
+    except MlflowException as e:
+        raise InputError(f"{uri}: cannot be resolved: {e.message}") from None
