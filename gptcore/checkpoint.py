@@ -89,6 +89,9 @@ def save_checkpoint(
         (tmp / MARKER).write_text("ok\n")
     for old in complete_checkpoints(ckpt_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    # What a process killed mid-save left: never a checkpoint (no final name), safe to drop now.
+    for stale in Path(ckpt_dir).glob(".step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 

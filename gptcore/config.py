@@ -125,6 +125,8 @@ class TrainConfig:
     """`auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:N`."""
     compile: bool = False
     """torch.compile the model: pays off on long GPU runs, not on short CPU ones."""
+    peak_tflops: float | None = None
+    """The device's dense bf16 peak for MFU; known GPUs (H100, H200, A100) need none, CPUs have no MFU without it."""
 
     def __post_init__(self) -> None:
         _positive(self, "max_steps", "batch_size", "grad_accum_steps", "lr", "eval_interval",
@@ -135,6 +137,7 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(0 < self.beta1 < 1 and 0 < self.beta2 < 1, "beta1/beta2", "must be in (0, 1)")
         _check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _check(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", f"must be > 0, got {self.peak_tflops}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
 

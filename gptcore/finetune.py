@@ -29,6 +29,7 @@ from gptcore.model import GPTClassifier
 from gptcore.pretrain import load_pretrained
 from gptcore.tokenizer import PAD, load_tokenizer
 from gptcore.tracking import Tracking, stage_run
+from gptcore.distributed import setup
 from gptcore.train import fit
 
 log = logging.getLogger("gptcore.finetune")
@@ -185,8 +186,8 @@ def finetune(
                  len(train), len(val), cfg.passage_tokens, dict(zip(labels, counts.tolist())))
         fitted = fit(
             "finetune", model, cfg, PassageBatches(train, cfg.batch_size, pad_id, cfg.seed), classification_loss,
-            evaluate, out_dir=out_dir, meta=meta, run=run, select=("val_macro_f1", "max"), resume=resume,
-            patience=cfg.patience,
+            evaluate, out_dir=out_dir, meta=meta, run=run, select=("val_macro_f1", "max"), dist=setup(cfg.device),
+            resume=resume, patience=cfg.patience,
         )
         result = FinetuneResult(
             out_dir=str(out_dir), best_dir=fitted.best_dir, labels=labels, steps=fitted.steps,

@@ -88,3 +88,28 @@ def sha256_dir(path: str | Path) -> str:
         h.update(file.relative_to(root).as_posix().encode())
         h.update(sha256_file(file).encode())
     return h.hexdigest()
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """One JSON line, flushed to disk: a log that survives the process being killed."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def truncate_jsonl(path: str | Path, keep) -> None:
+    """Rewrite a JSON-lines file (atomically) with only the records `keep(record)` accepts."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a process killed mid-write
+            continue
+        if keep(record):
+            kept.append(json.dumps(record) + "\n")
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(kept), encoding="utf-8")

@@ -127,6 +127,15 @@ class GPT(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6N for the weights, 12·L·H·Q·T for attention (PaLM, appendix B).
+
+        N excludes the position table, a lookup that does no multiply-adds.
+        """
+        cfg = self.cfg
+        n = self.num_parameters() - self.wpe.weight.numel()
+        return 6 * n + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * cfg.block_size
+
     def hidden_states(
         self,
         idx: torch.Tensor,  # (B, T) token ids

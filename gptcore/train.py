@@ -21,6 +21,9 @@ import torch
 
 from gptcore.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights, set_rng_state
 from gptcore.config import TrainConfig
+from gptcore.distributed import DistInfo, barrier, mean_across_ranks
+from gptcore.fsutil import append_jsonl, truncate_jsonl
+from gptcore.perf import peak_flops, peak_memory_bytes
 from gptcore.tracking import StageRun
 
 log = logging.getLogger("gptcore.train")
@@ -36,6 +39,13 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def enable_tf32(device: torch.device) -> None:
+    """TF32 tensor cores for the fp32 matmuls autocast leaves (Ampere and newer)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def autocast(device: torch.device):
@@ -87,28 +97,57 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+class CompiledOrEager:
+    """`torch.compile(model)` that falls back to eager, with a warning, if compiling fails."""
+
+    def __init__(self, model: torch.nn.Module, enabled: bool):
+        self.eager, self.compiled = model, None
+        if enabled:
+            try:
+                self.compiled = torch.compile(model)
+            except Exception as e:  # unsupported platform or Python: train eagerly
+                log.warning("torch.compile unavailable (%s); training eagerly", e)
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is None:
+            return self.eager(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except Exception as e:  # compilation happens on the first call: a failed backend shows here
+            log.warning("torch.compile failed (%s: %s); training eagerly", type(e).__name__, e)
+            self.compiled = None
+            return self.eager(*args, **kwargs)
+
+
 def fit(
     name: str,
     model: torch.nn.Module,
     cfg: TrainConfig,
     batches: BatchSource,
-    loss_fn: Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], torch.Tensor],
+    loss_fn: Callable[[Callable, tuple[torch.Tensor, ...]], torch.Tensor],
     evaluate: Callable[[torch.nn.Module], dict[str, float]],
     out_dir: str | Path,
     meta: dict[str, Any],
     run: StageRun,
     select: tuple[str, str],
+    dist: DistInfo,
     resume: bool = False,
     patience: int | None = None,
+    flops_per_token: float | None = None,
 ) -> FitResult:
     """Train `model` for cfg.max_steps; keep the weights that are best on `select` = (metric, min|max).
 
-    Writes OUT/checkpoints/step_*/ (resumable) and OUT/best/ (weights + model.json). With
-    `resume`, continues from the latest complete checkpoint in OUT/checkpoints.
+    Writes OUT/checkpoints/step_*/ (resumable), OUT/best/ (weights + model.json) and
+    OUT/metrics.jsonl (every logged step, readable without MLflow). With `resume`, continues
+    from the latest complete checkpoint in OUT/checkpoints. Under torchrun the model is wrapped
+    in DistributedDataParallel; rank 0 alone logs and writes.
     """
     out_dir = Path(out_dir)
-    ckpt_dir, best_dir = out_dir / "checkpoints", out_dir / "best"
-    device = pick_device(cfg.device)
+    ckpt_dir, best_dir, metrics_log = out_dir / "checkpoints", out_dir / "best", out_dir / "metrics.jsonl"
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    device = dist.device
+    enable_tf32(device)
     model.to(device)
     optimizer = configure_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg))
@@ -120,27 +159,40 @@ def fit(
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         batches.load_state_dict(saved["batches"])
-        state = saved["loop"]
-        step = saved["step"]
+        state, step = saved["loop"], saved["step"]
         set_rng_state(saved["rng"])
+        if dist.is_main:
+            truncate_jsonl(metrics_log, lambda record: record["step"] <= step)
         log.info("%s: resumed from %s (step %d)", name, latest, step)
         run.set_tags({"gptcore.resumed_from_step": step})
-    elif resume:
-        log.info("%s: --resume given but no complete checkpoint in %s; starting fresh", name, ckpt_dir)
-    step_fn = torch.compile(model) if cfg.compile else model
+    else:
+        if resume:
+            log.info("%s: --resume given but no complete checkpoint in %s; starting fresh", name, ckpt_dir)
+        if dist.is_main:
+            metrics_log.unlink(missing_ok=True)
+    ddp = None
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = CompiledOrEager(ddp or model, cfg.compile)
+    peak = peak_flops(device, cfg.peak_tflops)
     start_step, last_metrics, history = step, {}, []
     t0 = t_log = time.perf_counter()
     tokens_since_log, steps_since_log, loss_sum = 0, 0, torch.zeros((), device=device)
     while step < cfg.max_steps:
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        for _ in range(cfg.grad_accum_steps):
+        for micro in range(cfg.grad_accum_steps):
             batch = tuple(t.to(device, non_blocking=True) for t in batches.next())
-            with autocast(device):
-                loss = loss_fn(step_fn, batch) / cfg.grad_accum_steps
-            loss.backward()
+            # DDP all-reduces gradients on every backward; only the last micro-batch needs it.
+            sync = ddp is None or micro == cfg.grad_accum_steps - 1
+            with contextlib.nullcontext() if sync else ddp.no_sync():
+                with autocast(device):
+                    loss = loss_fn(forward, batch) / cfg.grad_accum_steps
+                loss.backward()
             loss_sum += loss.detach()  # no host sync here: read back at log time
-            tokens_since_log += batch[0].numel()
+            tokens_since_log += batch[0].numel() * dist.world_size
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -148,37 +200,48 @@ def fit(
         step += 1
         steps_since_log += 1
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
+            train_loss = mean_across_ranks(loss_sum, dist).item() / steps_since_log
             now = time.perf_counter()
-            steps_done = step - start_step
-            train_loss = loss_sum.item() / steps_since_log
             rate = tokens_since_log / (now - t_log)
-            eta = (now - t0) / steps_done * (cfg.max_steps - step)
-            lr = scheduler.get_last_lr()[0]
-            log.info("%s: step %d/%d | loss %.4f | lr %.2e | %.0f tok/s | ETA %s", name, step, cfg.max_steps,
-                     train_loss, lr, rate, format_duration(eta))
-            run.log_metrics({"train_loss": train_loss, "lr": lr, "tokens_per_s": rate}, step=step)
+            eta = (now - t0) / (step - start_step) * (cfg.max_steps - step)
+            record = {"step": step, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": rate,
+                      "peak_mem_bytes": peak_memory_bytes(device)}
+            if peak and flops_per_token:
+                record["mfu"] = flops_per_token * rate / (peak * dist.world_size)
+            log.info("%s: step %d/%d | loss %.4f | lr %.2e | %.0f tok/s%s | ETA %s", name, step, cfg.max_steps,
+                     train_loss, record["lr"], rate, f" | MFU {record['mfu']:.1%}" if "mfu" in record else "",
+                     format_duration(eta))
+            if dist.is_main:
+                append_jsonl(metrics_log, record)
+                run.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step)
             state["tokens_seen"] += tokens_since_log
             tokens_since_log, steps_since_log, loss_sum, t_log = 0, 0, torch.zeros((), device=device), now
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             model.eval()
             with torch.no_grad(), autocast(device):
-                last_metrics = evaluate(model)
+                last_metrics = evaluate(model)  # every rank: the weights agree, so do the decisions
             history.append({"step": step, **last_metrics})
-            run.log_metrics(last_metrics, step=step)
             value = last_metrics[metric]
             improved = state["best"] is None or (value < state["best"] if mode == "min" else value > state["best"])
             log.info("%s: step %d eval %s%s", name, step,
                      " ".join(f"{k} {v:.4f}" for k, v in last_metrics.items()), " (best)" if improved else "")
             if improved:
                 state.update(best=value, best_metrics=dict(last_metrics), bad_evals=0)
-                save_weights(model, best_dir, meta)
             else:
                 state["bad_evals"] += 1
+            if dist.is_main:
+                append_jsonl(metrics_log, {"step": step, **last_metrics})
+                run.log_metrics(last_metrics, step=step)
+                if improved:
+                    save_weights(model, best_dir, meta)
+            t_log = time.perf_counter()  # the rate covers training, not evaluation
         stop = patience is not None and state["bad_evals"] >= patience
         if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or stop:
-            save_checkpoint(ckpt_dir, step, model, meta, {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "batches": batches.state_dict(), "loop": state}, cfg.keep_checkpoints)
+            if dist.is_main:
+                save_checkpoint(ckpt_dir, step, model, meta, {
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "batches": batches.state_dict(), "loop": state}, cfg.keep_checkpoints)
+            barrier(dist)
         if stop:
             log.info("%s: no better %s for %d evaluations: stopping early at step %d", name, metric, patience, step)
             break
