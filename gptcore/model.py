@@ -3,7 +3,8 @@
 Token + learned position embeddings, `n_layer` pre-LN blocks of causal self-attention and a
 GELU MLP, a final LayerNorm and an LM head tied to the token embedding. Shapes are written
 next to every tensor: B batch, T new tokens, P cached (past) tokens, S = P + T, C = n_embd,
-H = n_head, D = C // H, V = vocab_size.
+H = n_head, D = C // H, V = vocab_size padded up to a multiple of 64 (the extra rows are
+never targets: they only make the embedding and LM-head matmuls tile well on GPUs).
 
 The same forward serves training (no cache, no mask: the fast causal path of
 `scaled_dot_product_attention`), batched generation with left padding (attention mask +
@@ -99,16 +100,21 @@ def attention_mask_4d(attention_mask: torch.Tensor, new_tokens: int) -> torch.Te
     return keep | (k_pos == q_pos)
 
 
+def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
+    return -(-vocab_size // multiple) * multiple
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        V = padded_vocab_size(cfg.vocab_size)
+        self.wte = nn.Embedding(V, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.n_embd, V, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: one (V, C) matrix embeds and unembeds
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the residual stream's
@@ -195,7 +201,7 @@ class GPT(nn.Module):
             positions = torch.arange(pos, pos + T, device=idx.device).unsqueeze(0)
             h, past = self.hidden_states(step_ids, position_ids=positions, past=past)
             pos += T
-            logits = self.lm_head(h[:, -1, :])  # (B, V)
+            logits = self.lm_head(h[:, -1, :])[:, : self.cfg.vocab_size]  # (B, vocab): never a padding id
             next_id = sample_next(logits, temperature, top_k, generator)  # (B, 1)
             idx = torch.cat([idx, next_id], dim=1)
             step_ids = next_id

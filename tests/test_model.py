@@ -14,7 +14,7 @@ def make_gpt(seed: int = 0) -> GPT:
 def test_shapes_and_tied_head():
     gpt = make_gpt()
     logits, loss = gpt(torch.randint(0, 50, (3, 7)), targets=torch.randint(0, 50, (3, 7)))
-    assert logits.shape == (3, 7, 50)
+    assert logits.shape == (3, 7, 64)  # vocab 50 padded to a multiple of 64
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert gpt.lm_head.weight is gpt.wte.weight
 
@@ -59,6 +59,14 @@ def test_generate_greedy_is_deterministic_and_slides_past_block_size():
     assert out.shape == (1, 34)
     assert torch.equal(out[:, :4], prompt)
     assert torch.equal(out, gpt.generate(prompt, max_new_tokens=30, temperature=0.0))
+
+
+def test_sampling_never_returns_a_padding_id():
+    gpt = make_gpt()
+    with torch.no_grad():
+        gpt.lm_head.weight[50:] = 10.0  # make the padding rows the likeliest by far
+    out = gpt.generate(torch.randint(0, 50, (4, 3)), max_new_tokens=20, temperature=1.0)
+    assert int(out.max()) < 50
 
 
 def test_classifier_pools_last_real_token():
