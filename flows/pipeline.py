@@ -25,7 +25,7 @@ from gptcore.evaluate import evaluate_classifier, evaluate_lm
 from gptcore.export import export_classifier_onnx, export_lm_onnx
 from gptcore.finetune import finetune
 from gptcore.layout import Workdir
-from gptcore.pretrain import pretrain
+from gptcore.launch import pretrain_stage
 from gptcore.registry import register
 from gptcore.score import score
 from gptcore.summary import pipeline_summary
@@ -41,7 +41,7 @@ def _stage(fn, name: str, **options):
 
 ingest_task = _stage(ingest, "ingest")
 tokenizer_task = _stage(train_tokenizer, "tokenizer")
-pretrain_task = _stage(pretrain, "pretrain")
+pretrain_task = _stage(pretrain_stage, "pretrain")
 finetune_task = _stage(finetune, "finetune")
 evaluate_lm_task = _stage(evaluate_lm, "evaluate-lm")
 evaluate_classifier_task = _stage(evaluate_classifier, "evaluate-classifier")
@@ -91,7 +91,7 @@ def _pipeline(preset: str, config_path: str | None, workdir: str, mlflow_config:
         t = Tracking(settings, parent.run_id)
         data = ingest_task(cfg.ingest, w.data, t)
         tokens = tokenizer_task(cfg.tokenizer, w.data, w.tokenizer, t)
-        pretrained = pretrain_task(cfg.model, cfg.pretrain, w.tokenizer, w.pretrain, t)
+        pretrained = pretrain_task(cfg, w.root, t)
         finetuned = finetune_task(cfg.finetune, w.pretrain, w.data, w.tokenizer, w.finetune, t)
         lm_eval = evaluate_lm_task(cfg.evaluate, w.pretrain, w.tokenizer, w.eval, t)
         cls_eval = evaluate_classifier_task(w.finetune, w.data, w.tokenizer, w.eval, t)

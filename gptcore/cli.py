@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -23,7 +24,9 @@ from gptcore.tracking import Tracking, load_settings
 
 
 def _tracking(args) -> Tracking | None:
-    return None if args.no_tracking else Tracking(load_settings(args.workdir, args.mlflow_config))
+    if args.no_tracking:
+        return None
+    return Tracking(load_settings(args.workdir, args.mlflow_config), parent_run_id=args.parent_run_id)
 
 
 def _print(result) -> None:
@@ -52,10 +55,14 @@ def cmd_tokenizer(args, cfg: PipelineConfig) -> None:
 
 
 def cmd_pretrain(args, cfg: PipelineConfig) -> None:
+    from gptcore.launch import pretrain_stage
     from gptcore.pretrain import pretrain
 
     w = Workdir(args.workdir)
-    _print(pretrain(cfg.model, cfg.pretrain, w.tokenizer, w.pretrain, _tracking(args), resume=args.resume))
+    if "WORLD_SIZE" in os.environ:  # a rank that torchrun started: train, do not launch again
+        _print(pretrain(cfg.model, cfg.pretrain, w.tokenizer, w.pretrain, _tracking(args), resume=args.resume))
+    else:
+        _print(pretrain_stage(cfg, w.root, _tracking(args), resume=args.resume))
 
 
 def cmd_finetune(args, cfg: PipelineConfig) -> None:
@@ -122,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--config", help="YAML or TOML file whose fields override the preset")
     common.add_argument("--mlflow-config", help="MLflow settings file (default: ./mlflow.yaml, else built-in defaults)")
     common.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow")
+    common.add_argument("--parent-run-id", help="nest this stage's MLflow run under that run (the pipeline's)")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def verb(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:

@@ -125,11 +125,13 @@ class TrainConfig:
     """`auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:N`."""
     compile: bool = False
     """torch.compile the model: pays off on long GPU runs, not on short CPU ones."""
+    nproc_per_node: int = 1
+    """Data-parallel processes (one per GPU); above 1 the pipeline launches torchrun on this machine."""
     peak_tflops: float | None = None
     """The device's dense bf16 peak for MFU; known GPUs (H100, H200, A100) need none, CPUs have no MFU without it."""
 
     def __post_init__(self) -> None:
-        _positive(self, "max_steps", "batch_size", "grad_accum_steps", "lr", "eval_interval",
+        _positive(self, "max_steps", "batch_size", "grad_accum_steps", "lr", "eval_interval", "nproc_per_node",
                   "eval_batches", "log_interval", "checkpoint_interval", "keep_checkpoints")
         _check(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
         _check(0 <= self.warmup_steps < self.max_steps, "warmup_steps",

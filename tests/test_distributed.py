@@ -38,3 +38,43 @@ def test_two_ranks_match_one_process_with_twice_the_accumulation(small_corpus, t
     for step, (a, b) in enumerate(zip(ddp, single), start=1):
         assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: 2 ranks {a} vs 1 process {b}"
     assert ddp[-1] < ddp[0]  # and it learns
+
+
+def launch_cfg(nproc: int):
+    from gptcore.config import FinetuneConfig, ModelConfig, PipelineConfig, TrainConfig
+
+    return PipelineConfig(
+        model=ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=32),
+        pretrain=TrainConfig(max_steps=10, batch_size=8, warmup_steps=2, eval_interval=10, eval_batches=2,
+                             log_interval=5, checkpoint_interval=10, device="cpu", nproc_per_node=nproc),
+        finetune=FinetuneConfig(passage_tokens=16),
+    )
+
+
+def test_pipeline_stage_launches_torchrun_and_logs_one_run(small_corpus, tmp_path, mlflow_tracking, monkeypatch):
+    import dataclasses
+
+    from gptcore.launch import pretrain_stage
+
+    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
+    shutil.copytree(small_corpus["tokenizer"], tmp_path / "tokenizer")
+    parent = mlflow_tracking.client().create_run(mlflow_tracking.experiment_id()).info.run_id
+    tracking = dataclasses.replace(mlflow_tracking, parent_run_id=parent)
+    result = pretrain_stage(launch_cfg(2), tmp_path, tracking)
+    assert result.steps == 10 and (tmp_path / "pretrain" / "best" / "model.safetensors").is_file()
+    client = tracking.client()
+    runs = client.search_runs([tracking.experiment_id()], "tags.`gptcore.stage` = 'pretrain'")
+    assert len(runs) == 1  # rank 0 alone logs
+    assert runs[0].data.tags["mlflow.parentRunId"] == parent
+    assert runs[0].data.params["world_size"] == "2"
+
+
+def test_a_failing_rank_fails_the_stage_with_its_output(tmp_path, monkeypatch):
+    import pytest
+
+    from gptcore.errors import GptcoreError
+    from gptcore.launch import pretrain_stage
+
+    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
+    with pytest.raises(GptcoreError, match=r"(?s)exited with code 1.*no tokenized corpus here"):
+        pretrain_stage(launch_cfg(2), tmp_path / "empty", None)  # no tokenizer output: every rank fails
