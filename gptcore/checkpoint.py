@@ -2,7 +2,7 @@
 
     DIR/step_000120/model.safetensors   the weights (tied tensors stored once)
     DIR/step_000120/model.json          what to build: model config, kind, labels
-    DIR/step_000120/state.pt            optimizer, scheduler, step, data sampler and RNG states
+    DIR/step_000120/state.pt            optimizer, scheduler, step, data sampler, every rank's RNG states
     DIR/step_000120/COMPLETE            written last: a directory without it never counts
 
 Each checkpoint is written to a temporary directory and renamed into place, so a crash during
@@ -85,7 +85,7 @@ def save_checkpoint(
     final = Path(ckpt_dir) / f"step_{step:06d}"
     with atomic_dir(final) as tmp:
         _write_weights(model, tmp, meta)
-        torch.save({**state, "step": step, "rng": rng_state()}, tmp / "state.pt")
+        torch.save({**state, "step": step}, tmp / "state.pt")
         (tmp / MARKER).write_text("ok\n")
     for old in complete_checkpoints(ckpt_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -19,9 +19,10 @@ from typing import Any, Protocol
 
 import torch
 
-from gptcore.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights, set_rng_state
+from gptcore.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_weights,
+                                set_rng_state)
 from gptcore.config import TrainConfig
-from gptcore.distributed import DistInfo, barrier, mean_across_ranks
+from gptcore.distributed import DistInfo, barrier, gather_to_all, mean_across_ranks
 from gptcore.fsutil import append_jsonl, truncate_jsonl
 from gptcore.perf import peak_flops, peak_memory_bytes
 from gptcore.tracking import StageRun
@@ -160,7 +161,7 @@ def fit(
         scheduler.load_state_dict(saved["scheduler"])
         batches.load_state_dict(saved["batches"])
         state, step = saved["loop"], saved["step"]
-        set_rng_state(saved["rng"])
+        set_rng_state(saved["rng"][dist.rank if len(saved["rng"]) == dist.world_size else 0])
         if dist.is_main:
             truncate_jsonl(metrics_log, lambda record: record["step"] <= step)
         log.info("%s: resumed from %s (step %d)", name, latest, step)
@@ -237,10 +238,11 @@ def fit(
             t_log = time.perf_counter()  # the rate covers training, not evaluation
         stop = patience is not None and state["bad_evals"] >= patience
         if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or stop:
+            rngs = gather_to_all(rng_state(), dist)  # each rank's dropout stream, for an exact resume
             if dist.is_main:
                 save_checkpoint(ckpt_dir, step, model, meta, {
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "batches": batches.state_dict(), "loop": state}, cfg.keep_checkpoints)
+                    "batches": batches.state_dict(), "loop": state, "rng": rngs}, cfg.keep_checkpoints)
             barrier(dist)
         if stop:
             log.info("%s: no better %s for %d evaluations: stopping early at step %d", name, metric, patience, step)

@@ -11,20 +11,22 @@ from pathlib import Path
 from tests.test_resume import ENV
 
 CONFIG = """
-model: {{block_size: 32, n_layer: 2, n_head: 2, n_embd: 32}}
+model: {{block_size: 32, n_layer: 2, n_head: 2, n_embd: 32, dropout: {dropout}}}
 pretrain: {{max_steps: 20, batch_size: 8, grad_accum_steps: {accum}, warmup_steps: 2, eval_interval: 20,
-           eval_batches: 2, log_interval: 1, checkpoint_interval: 20, device: cpu}}
+           eval_batches: 2, log_interval: 1, checkpoint_interval: 10, keep_checkpoints: 2, device: cpu}}
 finetune: {{passage_tokens: 16}}
 """
 
 
-def run(w: Path, small_corpus, accum: int, nproc: int) -> list[float]:
-    w.mkdir()
-    shutil.copytree(small_corpus["tokenizer"], w / "tokenizer")
-    (w / "c.yaml").write_text(CONFIG.format(accum=accum))
+def run(w: Path, small_corpus, accum: int, nproc: int, dropout: float = 0.0, resume: bool = False) -> list[float]:
+    if not resume:
+        w.mkdir()
+        shutil.copytree(small_corpus["tokenizer"], w / "tokenizer")
+        (w / "c.yaml").write_text(CONFIG.format(accum=accum, dropout=dropout))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
-    cmd = [*launcher, "-m", "gptcore.cli", "pretrain", "--workdir", str(w), "--config", str(w / "c.yaml"), "--no-tracking"]
+    cmd = [*launcher, "-m", "gptcore.cli", "pretrain", "--workdir", str(w), "--config", str(w / "c.yaml"), "--no-tracking",
+           *(["--resume"] if resume else [])]
     proc = subprocess.run(cmd, env=ENV, cwd=w, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (w / "pretrain" / "metrics.jsonl").read_text().splitlines()]
@@ -38,6 +40,19 @@ def test_two_ranks_match_one_process_with_twice_the_accumulation(small_corpus, t
     for step, (a, b) in enumerate(zip(ddp, single), start=1):
         assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: 2 ranks {a} vs 1 process {b}"
     assert ddp[-1] < ddp[0]  # and it learns
+
+
+def test_two_ranks_resume_exactly_with_dropout(small_corpus, tmp_path):
+    """Each rank's RNG stream is in the checkpoint: dropout masks after a resume are the ones it would have drawn."""
+    straight = run(tmp_path / "straight", small_corpus, accum=1, nproc=2, dropout=0.1)
+    w = tmp_path / "resumed"
+    w.mkdir()
+    shutil.copytree(tmp_path / "straight" / "tokenizer", w / "tokenizer")
+    shutil.copy(tmp_path / "straight" / "c.yaml", w / "c.yaml")
+    ckpt = w / "pretrain" / "checkpoints" / "step_000010"
+    shutil.copytree(tmp_path / "straight" / "pretrain" / "checkpoints" / "step_000010", ckpt)
+    resumed = run(w, small_corpus, accum=1, nproc=2, resume=True)
+    assert resumed == straight[10:]  # steps 11..20, bit for bit
 
 
 def launch_cfg(nproc: int):
