@@ -82,9 +82,24 @@ class ModelConfig:
     """Biases in Linear and LayerNorm, as in GPT-2."""
     vocab_size: int | None = None
     """Taken from the tokenizer when left unset."""
+    position: str = "learned"
+    """`learned` position embeddings (GPT-2) or `rope` (rotary, applied to queries and keys)."""
+    norm: str = "layernorm"
+    """`layernorm` (GPT-2) or `rmsnorm`."""
+    qk_norm: bool = False
+    """RMS-normalise each head's queries and keys before attention."""
+    mlp: str = "gelu"
+    """`gelu` (GPT-2, 4x wide), `relu2` (squared ReLU, 4x wide) or `swiglu` (gated, 8/3x wide: same parameters)."""
+    tie_embeddings: bool = True
+    """Share one matrix between the token embedding and the LM head (GPT-2)."""
 
     def __post_init__(self) -> None:
         _positive(self, "block_size", "n_layer", "n_head", "n_embd")
+        for name, allowed in (("position", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
+                              ("mlp", ("gelu", "relu2", "swiglu"))):
+            _check(getattr(self, name) in allowed, name, f"must be one of {allowed}, got {getattr(self, name)!r}")
+        _check(self.position != "rope" or (self.n_embd // self.n_head) % 2 == 0, "position",
+               "rope needs an even head size (n_embd / n_head)")
         _check(self.n_embd % self.n_head == 0, "n_embd", f"{self.n_embd} is not divisible by n_head={self.n_head}")
         _check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
         _check(self.vocab_size is None or self.vocab_size > 0, "vocab_size", f"must be > 0, got {self.vocab_size}")

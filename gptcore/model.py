@@ -1,7 +1,9 @@
 """The GPT: a decoder-only transformer in the GPT-2/GPT-3 shape, in one readable file.
 
 Token + learned position embeddings, `n_layer` pre-LN blocks of causal self-attention and a
-GELU MLP, a final LayerNorm and an LM head tied to the token embedding. Shapes are written
+GELU MLP, a final LayerNorm and an LM head tied to the token embedding. Options that current
+small-model trainers use swap single parts (ModelConfig: rotary positions, RMSNorm, QK-norm,
+squared-ReLU or SwiGLU MLP, untied head); the defaults are GPT-2's. Shapes are written
 next to every tensor: B batch, T new tokens, P cached (past) tokens, S = P + T, C = n_embd,
 H = n_head, D = C // H, V = vocab_size padded up to a multiple of 64 (the extra rows are
 never targets: they only make the embedding and LM-head matmuls tile well on GPUs).
@@ -24,6 +26,24 @@ from gptcore.config import ModelConfig
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values, each (B, H, P, D)
 
 
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    return nn.LayerNorm(dim, bias=cfg.bias) if cfg.norm == "layernorm" else nn.RMSNorm(dim)
+
+
+def rope_angles(position_ids: torch.Tensor, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) positions -> cos, sin of shape (B, 1, T, D/2) for rotary embeddings."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    angles = position_ids.float().unsqueeze(-1) * inv_freq  # (B, T, D/2)
+    return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate each (x1, x2) pair of halves of (B, H, T, D) by its position's angle."""
+    cos, sin = rope
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, T, D/2) each
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -32,18 +52,24 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.dropout = cfg.dropout
+        D = cfg.n_embd // cfg.n_head
+        self.q_norm = nn.RMSNorm(D) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(D) if cfg.qk_norm else nn.Identity()
 
     def forward(
         self,
         x: torch.Tensor,  # (B, T, C)
         past: tuple[torch.Tensor, torch.Tensor] | None,  # (B, H, P, D) each
         mask: torch.Tensor | None,  # (B, 1, T, S) bool, True = may attend; None = plain causal
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # cos, sin (B, 1, T, D/2) of the new tokens
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # (B, T, C) each
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        q = self.q_norm(q.view(B, T, self.n_head, C // self.n_head)).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_norm(k.view(B, T, self.n_head, C // self.n_head)).transpose(1, 2)  # (B, H, T, D)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        if rope is not None:  # the cache holds keys already rotated to their positions
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)  # (B, H, S, D)
             v = torch.cat([past[1], v], dim=2)  # (B, H, S, D)
@@ -59,12 +85,23 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.kind = cfg.mlp
+        # SwiGLU has two input matrices: 8/3 of the width keeps the parameter count of 4x.
+        hidden = 4 * cfg.n_embd if cfg.mlp != "swiglu" else 8 * math.ceil(cfg.n_embd / 3)
+        self.fc = nn.Linear(cfg.n_embd, hidden * (2 if cfg.mlp == "swiglu" else 1), bias=cfg.bias)
+        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+        h = self.fc(x)
+        if self.kind == "gelu":
+            h = F.gelu(h, approximate="tanh")
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return self.dropout(self.proj(h))
 
 
 class Block(nn.Module):
@@ -72,13 +109,13 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = make_norm(cfg, cfg.n_embd)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_2 = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, past, mask):
-        a, present = self.attn(self.ln_1(x), past, mask)
+    def forward(self, x, past, mask, rope=None):
+        a, present = self.attn(self.ln_1(x), past, mask, rope)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, present
@@ -110,12 +147,13 @@ class GPT(nn.Module):
         self.cfg = cfg
         V = padded_vocab_size(cfg.vocab_size)
         self.wte = nn.Embedding(V, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.position == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
-        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_f = make_norm(cfg, cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, V, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied: one (V, C) matrix embeds and unembeds
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # tied: one (V, C) matrix embeds and unembeds
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the residual stream's
         # variance does not grow with depth.
@@ -139,7 +177,7 @@ class GPT(nn.Module):
         N excludes the position table, a lookup that does no multiply-adds.
         """
         cfg = self.cfg
-        n = self.num_parameters() - self.wpe.weight.numel()
+        n = self.num_parameters() - (self.wpe.weight.numel() if self.wpe is not None else 0)
         return 6 * n + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * cfg.block_size
 
     def hidden_states(
@@ -159,10 +197,16 @@ class GPT(nn.Module):
             if attention_mask is None:
                 attention_mask = torch.ones(B, P + T, dtype=torch.long, device=idx.device)
             mask = attention_mask_4d(attention_mask, T)  # (B, 1, T, S)
-        x = self.drop(self.wte(idx) + self.wpe(position_ids))  # (B, T, C)
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(position_ids)
+        else:
+            rope = rope_angles(position_ids.expand(B, T), self.cfg.n_embd // self.cfg.n_head)
+        x = self.drop(x)
         present: KVCache = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, None if past is None else past[i], mask)
+            x, kv = block(x, None if past is None else past[i], mask, rope)
             present.append(kv)
         return self.ln_f(x), present  # (B, T, C), per layer (B, H, S, D) x 2
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from gptcore.config import ModelConfig
@@ -86,3 +87,41 @@ def test_residual_projections_get_scaled_init():
     std_proj = gpt.blocks[0].attn.proj.weight.std().item()
     std_fc = gpt.blocks[0].mlp.fc.weight.std().item()
     assert std_proj < std_fc * 0.8  # 0.02 / sqrt(2 * n_layer) vs 0.02
+
+
+OPTIONS = {
+    "rope": {"position": "rope"},
+    "rmsnorm": {"norm": "rmsnorm"},
+    "qk_norm": {"qk_norm": True},
+    "relu2": {"mlp": "relu2"},
+    "swiglu": {"mlp": "swiglu"},
+    "untied": {"tie_embeddings": False},
+    "recipe": {"position": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "relu2", "tie_embeddings": False},
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_architecture_options_keep_cache_padding_and_causality(name):
+    import dataclasses
+
+    torch.manual_seed(0)
+    gpt = GPT(dataclasses.replace(CFG, **OPTIONS[name])).eval()
+    ids = torch.randint(2, 50, (1, 9))
+    full, _ = gpt(ids)
+    h, past = gpt.hidden_states(ids[:, :5])
+    for t in range(5, 9):
+        h, past = gpt.hidden_states(ids[:, t : t + 1], position_ids=torch.tensor([[t]]), past=past)
+        assert torch.allclose(gpt.lm_head(h)[:, 0], full[:, t], atol=1e-5)
+    padded = torch.cat([torch.ones(1, 2, dtype=torch.long), ids], dim=1)
+    mask = torch.tensor([[0, 0] + [1] * 9])
+    got, _ = gpt(padded, position_ids=(mask.cumsum(1) - 1).clamp(min=0), attention_mask=mask)
+    assert torch.allclose(got[:, 2:], full, atol=1e-5)
+    assert (gpt.lm_head.weight is gpt.wte.weight) == OPTIONS[name].get("tie_embeddings", True)
+
+
+def test_swiglu_keeps_the_parameter_count_close():
+    import dataclasses
+
+    gelu = GPT(CFG).num_parameters()
+    swiglu = GPT(dataclasses.replace(CFG, mlp="swiglu")).num_parameters()
+    assert abs(swiglu - gelu) / gelu < 0.15
