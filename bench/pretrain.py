@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gptcore.config import PRESETS, ModelConfig  # noqa: E402
 from gptcore.model import GPT  # noqa: E402
 from gptcore.perf import peak_flops, peak_memory_bytes  # noqa: E402
-from gptcore.train import autocast, configure_optimizer, enable_tf32  # noqa: E402
+from gptcore.train import autocast, configure_optimizers, enable_tf32  # noqa: E402
 
 
 class ReferenceGPT(nn.Module):
@@ -59,7 +59,7 @@ def measure(which: str, preset: str, device: torch.device, steps: int, warmup: i
     if which == "gptcore":
         enable_tf32(device)
         model = GPT(model_cfg).to(device)
-        optimizer = configure_optimizer(model, cfg.pretrain, device)
+        optimizer = configure_optimizers(model, cfg.pretrain, device)
         forward = torch.compile(model) if cfg.pretrain.compile else model
         context = lambda: autocast(device)  # noqa: E731
     else:
@@ -70,7 +70,7 @@ def measure(which: str, preset: str, device: torch.device, steps: int, warmup: i
     y = torch.randint(0, V, (B, T), device=device)
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         with context():
             _, loss = forward(x, targets=y)
         loss.backward()

@@ -123,6 +123,10 @@ class TrainConfig:
     """AdamW decay on matrices; biases, norms and embeddings get none."""
     beta1: float = 0.9
     beta2: float = 0.95
+    optimizer: str = "adamw"
+    """`adamw`, or `muon`: torch.optim.Muon for the blocks' weight matrices, AdamW for the rest."""
+    muon_lr: float = 0.02
+    """Muon's peak learning rate (the schedule scales it like lr)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
     eval_interval: int = 100
@@ -154,6 +158,8 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(0 < self.beta1 < 1 and 0 < self.beta2 < 1, "beta1/beta2", "must be in (0, 1)")
         _check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _check(self.optimizer in ("adamw", "muon"), "optimizer", f"must be adamw or muon, got {self.optimizer!r}")
+        _check(self.muon_lr > 0, "muon_lr", f"must be > 0, got {self.muon_lr}")
         _check(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", f"must be > 0, got {self.peak_tflops}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")

@@ -56,16 +56,58 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW that decays matrices only: no weight decay on biases, norms or embeddings."""
+class Optimizers:
+    """One or two optimizers (AdamW, or Muon + AdamW) stepped together, each with the LR schedule."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer], cfg: TrainConfig):
+        self.optimizers = optimizers
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_multiplier(cfg)) for o in optimizers]
+
+    def zero_grad(self) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for o, s in zip(self.optimizers, self.schedulers):
+            o.step()
+            s.step()
+
+    def last_lr(self) -> float:
+        return self.schedulers[-1].get_last_lr()[0]  # AdamW's: the one cfg.lr sets
+
+    def state_dict(self) -> dict[str, list]:
+        return {"optimizers": [o.state_dict() for o in self.optimizers],
+                "schedulers": [s.state_dict() for s in self.schedulers]}
+
+    def load_state_dict(self, state: dict[str, list]) -> None:
+        for o, saved in zip(self.optimizers, state["optimizers"], strict=True):
+            o.load_state_dict(saved)
+        for s, saved in zip(self.schedulers, state["schedulers"], strict=True):
+            s.load_state_dict(saved)
+
+
+def configure_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> Optimizers:
+    """AdamW that decays matrices only (no weight decay on biases, norms or embeddings).
+
+    With `optimizer: muon`, the blocks' weight matrices go to `torch.optim.Muon` instead (the
+    embedding and LM head stay with AdamW, as Muon's authors advise).
+    """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay, no_decay = [], []
-    for p in model.parameters():  # parameters() yields a tied tensor once
+    head = getattr(model, "lm_head", None)
+    outer = embeddings | ({id(head.weight)} if head is not None else set())
+    muon, decay, no_decay = [], [], []
+    for name, p in model.named_parameters():  # named_parameters() yields a tied tensor once
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+        if cfg.optimizer == "muon" and p.dim() == 2 and id(p) not in outer and ".blocks." in f".{name}":
+            muon.append(p)
+        else:
+            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    if not muon:
+        return Optimizers([adamw], cfg)
+    return Optimizers([torch.optim.Muon(muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay), adamw], cfg)
 
 
 def lr_multiplier(cfg: TrainConfig) -> Callable[[int], float]:
@@ -150,15 +192,13 @@ def fit(
     device = dist.device
     enable_tf32(device)
     model.to(device)
-    optimizer = configure_optimizer(model, cfg, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg))
+    optimizers = configure_optimizers(model, cfg, device)
     metric, mode = select
     state = {"best": None, "best_metrics": {}, "bad_evals": 0, "tokens_seen": 0}
     step = 0
     if resume and (latest := latest_checkpoint(ckpt_dir)) is not None:
         saved = load_checkpoint(latest, model)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
+        optimizers.load_state_dict(saved["optimizers"])
         batches.load_state_dict(saved["batches"])
         state, step = saved["loop"], saved["step"]
         set_rng_state(saved["rng"][dist.rank if len(saved["rng"]) == dist.world_size else 0])
@@ -183,7 +223,7 @@ def fit(
     tokens_since_log, steps_since_log, loss_sum = 0, 0, torch.zeros((), device=device)
     while step < cfg.max_steps:
         model.train()
-        optimizer.zero_grad(set_to_none=True)
+        optimizers.zero_grad()
         for micro in range(cfg.grad_accum_steps):
             batch = tuple(t.to(device, non_blocking=True) for t in batches.next())
             # DDP all-reduces gradients on every backward; only the last micro-batch needs it.
@@ -196,8 +236,7 @@ def fit(
             tokens_since_log += batch[0].numel() * dist.world_size
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
+        optimizers.step()
         step += 1
         steps_since_log += 1
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
@@ -205,7 +244,7 @@ def fit(
             now = time.perf_counter()
             rate = tokens_since_log / (now - t_log)
             eta = (now - t0) / (step - start_step) * (cfg.max_steps - step)
-            record = {"step": step, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": rate,
+            record = {"step": step, "train_loss": train_loss, "lr": optimizers.last_lr(), "tokens_per_s": rate,
                       "peak_mem_bytes": peak_memory_bytes(device)}
             if peak and flops_per_token:
                 record["mfu"] = flops_per_token * rate / (peak * dist.world_size)
@@ -241,7 +280,7 @@ def fit(
             rngs = gather_to_all(rng_state(), dist)  # each rank's dropout stream, for an exact resume
             if dist.is_main:
                 save_checkpoint(ckpt_dir, step, model, meta, {
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "optimizers": optimizers.state_dict(),
                     "batches": batches.state_dict(), "loop": state, "rng": rngs}, cfg.keep_checkpoints)
             barrier(dist)
         if stop:

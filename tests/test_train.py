@@ -9,12 +9,12 @@ from gptcore.checkpoint import complete_checkpoints, latest_checkpoint
 from gptcore.config import TrainConfig
 from gptcore.model import GPT
 from gptcore.pretrain import load_pretrained, pretrain
-from gptcore.train import configure_optimizer, lr_multiplier
+from gptcore.train import configure_optimizers, lr_multiplier
 
 
 def test_optimizer_decays_matrices_only(tiny_model_cfg):
     gpt = GPT(dataclasses.replace(tiny_model_cfg, vocab_size=64))
-    opt = configure_optimizer(gpt, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    (opt,) = configure_optimizers(gpt, TrainConfig(weight_decay=0.1), torch.device("cpu")).optimizers
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     no_decay_ids = {id(p) for p in no_decay["params"]}
@@ -69,3 +69,28 @@ def test_incomplete_checkpoint_is_ignored_and_old_ones_pruned(small_corpus, tiny
     shutil.copytree(ckpts / "step_000030", crashed)
     (crashed / "COMPLETE").unlink()
     assert latest_checkpoint(ckpts).name == "step_000030"
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest(tiny_model_cfg):
+    gpt = GPT(dataclasses.replace(tiny_model_cfg, vocab_size=64, tie_embeddings=False))
+    muon, adamw = configure_optimizers(gpt, TrainConfig(optimizer="muon"), torch.device("cpu")).optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
+    assert id(gpt.blocks[0].attn.qkv.weight) in muon_ids and id(gpt.blocks[1].mlp.proj.weight) in muon_ids
+    assert id(gpt.wte.weight) not in muon_ids and id(gpt.lm_head.weight) not in muon_ids
+    assert all(p.dim() == 2 for g in muon.param_groups for p in g["params"])
+    n_params = sum(len(g["params"]) for o in (muon, adamw) for g in o.param_groups)
+    assert n_params == len(list(gpt.parameters()))
+
+
+def test_muon_run_resumes_exactly(small_corpus, tiny_model_cfg, tiny_train_cfg, tmp_path):
+    cfg = dataclasses.replace(tiny_train_cfg, optimizer="muon")
+    pretrain(tiny_model_cfg, cfg, small_corpus["tokenizer"], tmp_path / "a")
+    ckpts_b = tmp_path / "b" / "checkpoints"
+    ckpts_b.mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step_000010", ckpts_b / "step_000010")
+    result = pretrain(tiny_model_cfg, cfg, small_corpus["tokenizer"], tmp_path / "b", resume=True)
+    assert result.best_val_loss < 5.5
+    a = load_file(tmp_path / "a" / "checkpoints" / "step_000020" / "model.safetensors")
+    b = load_file(ckpts_b / "step_000020" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
