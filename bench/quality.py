@@ -3,8 +3,8 @@
     python bench/quality.py --preset tiny --budget 30 [--json out.json]
 
 Both train on the same token shards (Shakespeare, the preset's tokenizer) on this machine for
-the same wall-clock budget: each recipe's step time is measured first, and its run gets as many
-steps as fit the budget, so its learning-rate schedule completes inside it. Prints the val bits
+the same wall-clock budget (`pretrain.time_budget_s`: each run measures its step time over its
+first steps and takes as many steps as fit, so its learning-rate schedule completes inside it). Prints the val bits
 per byte each reaches and their ratio (recipe / baseline; below 1 is better).
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -36,22 +35,11 @@ RECIPE_LR_SCALE = 2.0
 
 
 def train_for(budget_s: float, model: ModelConfig, train: TrainConfig, tokens: Path, out: Path) -> tuple[int, float]:
-    """Calibrate the step time, then train as many steps as fit `budget_s`; return (steps, seconds).
-
-    The step time comes from the probe's later log intervals: its first steps pay one-off costs.
-    """
-    probe = dataclasses.replace(train, max_steps=60, warmup_steps=2, eval_interval=60, checkpoint_interval=60,
-                                log_interval=20)
-    pretrain(model, probe, tokens, out / "probe")
-    records = [json.loads(line) for line in (out / "probe" / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]
-    seconds_per_step = train.batch_size * train.grad_accum_steps * model.block_size / statistics.median(rates)
-    steps = max(20, int(budget_s / seconds_per_step))
-    interval = max(1, steps // 4)
-    run = dataclasses.replace(train, max_steps=steps, warmup_steps=min(train.warmup_steps, steps // 10),
-                              eval_interval=interval, checkpoint_interval=steps, log_interval=interval)
+    """Pretrain for `budget_s` seconds of training (pretrain.time_budget_s); return (steps, seconds)."""
+    run = dataclasses.replace(train, max_steps=1_000_000, time_budget_s=budget_s, eval_interval=1_000_000,
+                              checkpoint_interval=1_000_000, log_interval=100)
     result = pretrain(model, run, tokens, out / "run")
-    return steps, result.train_seconds
+    return result.steps, result.train_seconds
 
 
 def main() -> None:

@@ -14,12 +14,13 @@ from __future__ import annotations
 import random
 import re
 import shutil
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file
 
 from gptcore.config import ModelConfig
 from gptcore.errors import InputError
@@ -30,16 +31,33 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 MARKER = "COMPLETE"
 
 
-def save_weights(model: torch.nn.Module, out_dir: str | Path, meta: dict[str, Any]) -> Path:
+def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """{name: name it aliases} for tied parameters; the kept name is the first in sorted order, as safetensors keeps."""
+    groups: dict[int, list[str]] = defaultdict(list)
+    for name, p in _unwrap(model).named_parameters(remove_duplicate=False):
+        groups[id(p)].append(name)
+    return {alias: min(names) for names in groups.values() for alias in names if alias != min(names)}
+
+
+def without_aliases(weights: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict[str, torch.Tensor]:
+    """A state dict as it is written: on the CPU, contiguous, each tied tensor once."""
+    return {k: v.detach().cpu().contiguous() for k, v in weights.items() if k not in aliases}
+
+
+def with_aliases(weights: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict[str, torch.Tensor]:
+    return {**weights, **{alias: weights[kept] for alias, kept in aliases.items()}}
+
+
+def save_weights(weights: dict[str, torch.Tensor], out_dir: str | Path, meta: dict[str, Any]) -> Path:
     """Weights + model.json into `out_dir` (replaced atomically): the unit that export reads."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        _write_weights(model, tmp, meta)
+        _write_weights(weights, tmp, meta)
     return out_dir
 
 
-def _write_weights(model: torch.nn.Module, directory: Path, meta: dict[str, Any]) -> None:
-    save_model(_unwrap(model), str(directory / "model.safetensors"))
+def _write_weights(weights: dict[str, torch.Tensor], directory: Path, meta: dict[str, Any]) -> None:
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
     write_json(directory / "model.json", meta)
 
 
@@ -80,11 +98,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    ckpt_dir: str | Path, step: int, model: torch.nn.Module, meta: dict[str, Any], state: dict[str, Any], keep: int
+    ckpt_dir: str | Path, step: int, weights: dict[str, torch.Tensor], meta: dict[str, Any], state: dict[str, Any],
+    keep: int,
 ) -> Path:
     final = Path(ckpt_dir) / f"step_{step:06d}"
     with atomic_dir(final) as tmp:
-        _write_weights(model, tmp, meta)
+        _write_weights(weights, tmp, meta)
         torch.save({**state, "step": step}, tmp / "state.pt")
         (tmp / MARKER).write_text("ok\n")
     for old in complete_checkpoints(ckpt_dir)[:-keep]:
@@ -109,10 +128,11 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
-    """Load weights into `model`; return the training state (RNG states not yet applied)."""
-    load_weights(model, path)
-    return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(weights as written, training state): nothing applied yet."""
+    path = Path(path)
+    return load_file(str(path / "model.safetensors")), torch.load(path / "state.pt", map_location="cpu",
+                                                                 weights_only=True)
 
 
 def load_classifier(directory: str | Path) -> tuple[GPTClassifier, dict[str, Any]]:

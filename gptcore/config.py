@@ -108,7 +108,10 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 600
-    """Optimizer steps."""
+    """Optimizer steps (a cap, when time_budget_s is set)."""
+    time_budget_s: float | None = None
+    """Train for this many seconds instead (evaluation and checkpoints excluded): the step time,
+    measured over the run's first steps, fixes the steps that fit, and the LR schedule ends there."""
     batch_size: int = 32
     """Sequences per micro-batch."""
     grad_accum_steps: int = 1
@@ -146,6 +149,9 @@ class TrainConfig:
     """torch.compile the model: pays off on long GPU runs, not on short CPU ones."""
     nproc_per_node: int = 1
     """Data-parallel processes (one per GPU); above 1 the pipeline launches torchrun on this machine."""
+    parallelism: str = "ddp"
+    """Across processes: `ddp` (a model replica per GPU) or `fsdp` (parameters, gradients and optimizer
+    state sharded with fully_shard: for models whose training state does not fit one GPU)."""
     peak_tflops: float | None = None
     """The device's dense bf16 peak for MFU; known GPUs (H100, H200, A100) need none, CPUs have no MFU without it."""
 
@@ -160,6 +166,11 @@ class TrainConfig:
         _check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
         _check(self.optimizer in ("adamw", "muon"), "optimizer", f"must be adamw or muon, got {self.optimizer!r}")
         _check(self.muon_lr > 0, "muon_lr", f"must be > 0, got {self.muon_lr}")
+        _check(self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s",
+               f"must be > 0, got {self.time_budget_s}")
+        _check(self.parallelism in ("ddp", "fsdp"), "parallelism", f"must be ddp or fsdp, got {self.parallelism!r}")
+        _check(not (self.parallelism == "fsdp" and self.optimizer == "muon"), "parallelism",
+               "fsdp shards each matrix, and Muon needs whole matrices: use optimizer adamw with fsdp")
         _check(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", f"must be > 0, got {self.peak_tflops}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
@@ -268,13 +279,13 @@ def tiny() -> PipelineConfig:
 
 
 def gpu() -> PipelineConfig:
-    """One GPU, a few minutes: a 6-layer, 384-wide model on Shakespeare."""
+    """One GPU, five minutes of pretraining: a 6-layer, 384-wide model on Shakespeare."""
     return PipelineConfig(
         tokenizer=TokenizerConfig(vocab_size=8192),
         model=ModelConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.1),
-        pretrain=TrainConfig(max_steps=5000, batch_size=64, lr=1e-3, min_lr=1e-4, warmup_steps=200,
-                             eval_interval=500, eval_batches=20, log_interval=50, checkpoint_interval=1000,
-                             compile=True),
+        pretrain=TrainConfig(max_steps=100_000, time_budget_s=300.0, batch_size=64, lr=1e-3, min_lr=1e-4,
+                             warmup_steps=200, eval_interval=1000, eval_batches=20, log_interval=100,
+                             checkpoint_interval=2000, compile=True),
         finetune=FinetuneConfig(max_steps=1500, batch_size=64, lr=2e-4, min_lr=2e-5, warmup_steps=100,
                                 eval_interval=250, eval_batches=20, log_interval=50, checkpoint_interval=1500,
                                 passage_tokens=128),

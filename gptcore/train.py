@@ -19,11 +19,12 @@ from typing import Any, Protocol
 
 import torch
 
-from gptcore.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_weights,
-                                set_rng_state)
+from gptcore.checkpoint import (latest_checkpoint, read_checkpoint, rng_state, save_checkpoint, save_weights,
+                                set_rng_state, tied_aliases)
 from gptcore.config import TrainConfig
 from gptcore.distributed import DistInfo, barrier, gather_to_all, mean_across_ranks
 from gptcore.fsutil import append_jsonl, truncate_jsonl
+from gptcore.parallel import data_parallel
 from gptcore.perf import peak_flops, peak_memory_bytes
 from gptcore.tracking import StageRun
 
@@ -56,12 +57,32 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+class LRSchedule:
+    """Linear warmup to 1, then cosine decay to min_lr/lr at `total_steps`.
+
+    `total_steps` is max_steps, or, with a time budget, the steps that fit it (set once measured).
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.total_steps = cfg, cfg.max_steps
+
+    def __call__(self, step: int) -> float:
+        cfg = self.cfg
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        floor = cfg.min_lr / cfg.lr
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, self.total_steps - cfg.warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 class Optimizers:
-    """One or two optimizers (AdamW, or Muon + AdamW) stepped together, each with the LR schedule."""
+    """One or two optimizers (AdamW, or Muon + AdamW) stepped together, each on the same LR schedule."""
 
     def __init__(self, optimizers: list[torch.optim.Optimizer], cfg: TrainConfig):
         self.optimizers = optimizers
-        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_multiplier(cfg)) for o in optimizers]
+        self.schedule = LRSchedule(cfg)
+        # A plain function, not the schedule object: LambdaLR would pickle an object's attributes.
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: self.schedule(step)) for o in optimizers]
 
     def zero_grad(self) -> None:
         for o in self.optimizers:
@@ -75,14 +96,12 @@ class Optimizers:
     def last_lr(self) -> float:
         return self.schedulers[-1].get_last_lr()[0]  # AdamW's: the one cfg.lr sets
 
-    def state_dict(self) -> dict[str, list]:
-        return {"optimizers": [o.state_dict() for o in self.optimizers],
-                "schedulers": [s.state_dict() for s in self.schedulers]}
+    def scheduler_states(self) -> list[dict]:
+        # The optimizers' own states may be sharded: the data-parallel strategy gathers those.
+        return [s.state_dict() for s in self.schedulers]
 
-    def load_state_dict(self, state: dict[str, list]) -> None:
-        for o, saved in zip(self.optimizers, state["optimizers"], strict=True):
-            o.load_state_dict(saved)
-        for s, saved in zip(self.schedulers, state["schedulers"], strict=True):
+    def load_scheduler_states(self, states: list[dict]) -> None:
+        for s, saved in zip(self.schedulers, states, strict=True):
             s.load_state_dict(saved)
 
 
@@ -108,19 +127,6 @@ def configure_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch
     if not muon:
         return Optimizers([adamw], cfg)
     return Optimizers([torch.optim.Muon(muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay), adamw], cfg)
-
-
-def lr_multiplier(cfg: TrainConfig) -> Callable[[int], float]:
-    """Linear warmup to 1, then cosine decay to min_lr/lr at max_steps."""
-    floor = cfg.min_lr / cfg.lr
-
-    def at(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return at
 
 
 @dataclass
@@ -162,6 +168,54 @@ class CompiledOrEager:
             return self.eager(*args, **kwargs)
 
 
+class TrainClock:
+    """Seconds spent training, evaluation and checkpointing excluded; carried across resumes.
+
+    Readings wait for the GPU (kernels run asynchronously), so take them only at log intervals.
+    """
+
+    def __init__(self, device: torch.device, seconds: float = 0.0):
+        self.device, self.seconds, self.lap_seconds = device, seconds, 0.0
+        self.resume()
+
+    def resume(self) -> None:
+        self.started = time.perf_counter()
+
+    def pause(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds += now - self.started
+        self.lap_seconds += now - self.started
+        self.started = now
+
+    def lap(self) -> float:
+        """Training seconds since the last lap."""
+        self.pause()
+        seconds, self.lap_seconds = self.lap_seconds, 0.0
+        return seconds
+
+
+# A time-budgeted run measures its step time over these steps of the run, past the first
+# steps' one-off costs (compilation, allocator warm-up), then fixes how many steps fit.
+BUDGET_PROBE = (5, 25)
+
+
+def fit_budget(name: str, cfg: TrainConfig, steps_this_run: int, step: int, clock: TrainClock,
+               state: dict[str, Any]) -> None:
+    """Set state["budget_steps"] once the probe steps are timed: the steps that fit cfg.time_budget_s."""
+    if steps_this_run == BUDGET_PROBE[0]:
+        clock.pause()
+        state["probe_start_s"] = clock.seconds
+    elif steps_this_run == BUDGET_PROBE[1]:
+        clock.pause()
+        per_step = (clock.seconds - state.pop("probe_start_s")) / (BUDGET_PROBE[1] - BUDGET_PROBE[0])
+        fits = step + int(max(0.0, cfg.time_budget_s - clock.seconds) / per_step)
+        state["budget_steps"] = max(step, min(cfg.max_steps, fits))
+        log.info("%s: %.1f ms a step: %d steps fit the %.0f s budget%s", name, per_step * 1e3, fits,
+                 cfg.time_budget_s, f" (capped at max_steps={cfg.max_steps})" if fits > cfg.max_steps else "")
+
+
 def fit(
     name: str,
     model: torch.nn.Module,
@@ -178,12 +232,12 @@ def fit(
     patience: int | None = None,
     flops_per_token: float | None = None,
 ) -> FitResult:
-    """Train `model` for cfg.max_steps; keep the weights that are best on `select` = (metric, min|max).
+    """Train `model` for cfg.max_steps (or cfg.time_budget_s); keep the weights best on `select` = (metric, min|max).
 
     Writes OUT/checkpoints/step_*/ (resumable), OUT/best/ (weights + model.json) and
     OUT/metrics.jsonl (every logged step, readable without MLflow). With `resume`, continues
-    from the latest complete checkpoint in OUT/checkpoints. Under torchrun the model is wrapped
-    in DistributedDataParallel; rank 0 alone logs and writes.
+    from the latest complete checkpoint in OUT/checkpoints. Under torchrun the model is
+    replicated (DDP) or sharded (FSDP) as cfg.parallelism says; rank 0 alone logs and writes.
     """
     out_dir = Path(out_dir)
     ckpt_dir, best_dir, metrics_log = out_dir / "checkpoints", out_dir / "best", out_dir / "metrics.jsonl"
@@ -191,14 +245,20 @@ def fit(
         out_dir.mkdir(parents=True, exist_ok=True)
     device = dist.device
     enable_tf32(device)
-    model.to(device)
+    aliases = tied_aliases(model)  # before sharding: FSDP replaces the parameters
+    parallel = data_parallel(cfg.parallelism, dist)
+    wrapped = parallel.wrap(model)
+    if dist.enabled:
+        log.info("%s: %s over %d ranks (%s)", name, parallel.describe, dist.world_size, parallel.name)
     optimizers = configure_optimizers(model, cfg, device)
     metric, mode = select
-    state = {"best": None, "best_metrics": {}, "bad_evals": 0, "tokens_seen": 0}
+    state = {"best": None, "best_metrics": {}, "bad_evals": 0, "tokens_seen": 0, "train_seconds": 0.0,
+             "budget_steps": None}
     step = 0
     if resume and (latest := latest_checkpoint(ckpt_dir)) is not None:
-        saved = load_checkpoint(latest, model)
-        optimizers.load_state_dict(saved["optimizers"])
+        weights, saved = read_checkpoint(latest)
+        parallel.load(model, weights, aliases, optimizers.optimizers, saved["optimizers"])
+        optimizers.load_scheduler_states(saved["schedulers"])
         batches.load_state_dict(saved["batches"])
         state, step = saved["loop"], saved["step"]
         set_rng_state(saved["rng"][dist.rank if len(saved["rng"]) == dist.world_size else 0])
@@ -211,24 +271,20 @@ def fit(
             log.info("%s: --resume given but no complete checkpoint in %s; starting fresh", name, ckpt_dir)
         if dist.is_main:
             metrics_log.unlink(missing_ok=True)
-    ddp = None
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    forward = CompiledOrEager(ddp or model, cfg.compile)
+    schedule = optimizers.schedule
+    schedule.total_steps = state["budget_steps"] or cfg.max_steps
+    forward = CompiledOrEager(wrapped, cfg.compile)
     peak = peak_flops(device, cfg.peak_tflops)
     start_step, last_metrics, history = step, {}, []
-    t0 = t_log = time.perf_counter()
+    clock = TrainClock(device, state["train_seconds"])
+    t0 = time.perf_counter()
     tokens_since_log, steps_since_log, loss_sum = 0, 0, torch.zeros((), device=device)
-    while step < cfg.max_steps:
+    while step < schedule.total_steps:
         model.train()
         optimizers.zero_grad()
         for micro in range(cfg.grad_accum_steps):
             batch = tuple(t.to(device, non_blocking=True) for t in batches.next())
-            # DDP all-reduces gradients on every backward; only the last micro-batch needs it.
-            sync = ddp is None or micro == cfg.grad_accum_steps - 1
-            with contextlib.nullcontext() if sync else ddp.no_sync():
+            with parallel.gradient_sync(wrapped, sync=micro == cfg.grad_accum_steps - 1):
                 with autocast(device):
                     loss = loss_fn(forward, batch) / cfg.grad_accum_steps
                 loss.backward()
@@ -239,24 +295,28 @@ def fit(
         optimizers.step()
         step += 1
         steps_since_log += 1
-        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+        if cfg.time_budget_s and state["budget_steps"] is None:
+            fit_budget(name, cfg, step - start_step, step, clock, state)
+            schedule.total_steps = state["budget_steps"] or cfg.max_steps
+        last = step == schedule.total_steps
+        if step % cfg.log_interval == 0 or last:
             train_loss = mean_across_ranks(loss_sum, dist).item() / steps_since_log
-            now = time.perf_counter()
-            rate = tokens_since_log / (now - t_log)
-            eta = (now - t0) / (step - start_step) * (cfg.max_steps - step)
+            rate = tokens_since_log / clock.lap()
+            eta = (time.perf_counter() - t0) / (step - start_step) * (schedule.total_steps - step)
             record = {"step": step, "train_loss": train_loss, "lr": optimizers.last_lr(), "tokens_per_s": rate,
                       "peak_mem_bytes": peak_memory_bytes(device)}
             if peak and flops_per_token:
                 record["mfu"] = flops_per_token * rate / (peak * dist.world_size)
-            log.info("%s: step %d/%d | loss %.4f | lr %.2e | %.0f tok/s%s | ETA %s", name, step, cfg.max_steps,
+            log.info("%s: step %d/%d | loss %.4f | lr %.2e | %.0f tok/s%s | ETA %s", name, step, schedule.total_steps,
                      train_loss, record["lr"], rate, f" | MFU {record['mfu']:.1%}" if "mfu" in record else "",
                      format_duration(eta))
             if dist.is_main:
                 append_jsonl(metrics_log, record)
                 run.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step)
             state["tokens_seen"] += tokens_since_log
-            tokens_since_log, steps_since_log, loss_sum, t_log = 0, 0, torch.zeros((), device=device), now
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            tokens_since_log, steps_since_log, loss_sum = 0, 0, torch.zeros((), device=device)
+        if step % cfg.eval_interval == 0 or last:
+            clock.pause()  # training time excludes evaluation and checkpointing
             model.eval()
             with torch.no_grad(), autocast(device):
                 last_metrics = evaluate(model)  # every rank: the weights agree, so do the decisions
@@ -269,30 +329,38 @@ def fit(
                 state.update(best=value, best_metrics=dict(last_metrics), bad_evals=0)
             else:
                 state["bad_evals"] += 1
+            weights = parallel.full_weights(model, aliases) if improved else None  # every rank: FSDP gathers
             if dist.is_main:
                 append_jsonl(metrics_log, {"step": step, **last_metrics})
                 run.log_metrics(last_metrics, step=step)
                 if improved:
-                    save_weights(model, best_dir, meta)
-            t_log = time.perf_counter()  # the rate covers training, not evaluation
+                    save_weights(weights, best_dir, meta)
+            clock.resume()
         stop = patience is not None and state["bad_evals"] >= patience
-        if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or stop:
+        if step % cfg.checkpoint_interval == 0 or last or stop:
+            clock.pause()
+            state["train_seconds"] = clock.seconds
             rngs = gather_to_all(rng_state(), dist)  # each rank's dropout stream, for an exact resume
+            weights = parallel.full_weights(model, aliases)
+            optimizer_states = parallel.optimizer_states(model, optimizers.optimizers)
             if dist.is_main:
-                save_checkpoint(ckpt_dir, step, model, meta, {
-                    "optimizers": optimizers.state_dict(),
+                save_checkpoint(ckpt_dir, step, weights, meta, {
+                    "optimizers": optimizer_states, "schedulers": optimizers.scheduler_states(),
                     "batches": batches.state_dict(), "loop": state, "rng": rngs}, cfg.keep_checkpoints)
             barrier(dist)
+            clock.resume()
         if stop:
             log.info("%s: no better %s for %d evaluations: stopping early at step %d", name, metric, patience, step)
             break
+    clock.pause()
+    state["train_seconds"] = clock.seconds
     return FitResult(
         steps=step,
         best_dir=str(best_dir),
         best_metrics=state["best_metrics"],
         last_metrics=last_metrics,
-        stopped_early=step < cfg.max_steps,
+        stopped_early=step < schedule.total_steps,
         tokens_seen=state["tokens_seen"],
-        train_seconds=time.perf_counter() - t0,
+        train_seconds=state["train_seconds"],
         history=history,
     )

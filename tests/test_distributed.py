@@ -13,22 +13,25 @@ from tests.test_resume import ENV
 CONFIG = """
 model: {{block_size: 32, n_layer: 2, n_head: 2, n_embd: 32, dropout: {dropout}}}
 pretrain: {{max_steps: 20, batch_size: 8, grad_accum_steps: {accum}, warmup_steps: 2, eval_interval: 20,
-           eval_batches: 2, log_interval: 1, checkpoint_interval: 10, keep_checkpoints: 2, device: cpu}}
+           eval_batches: 2, log_interval: 1, checkpoint_interval: 10, keep_checkpoints: 2, device: cpu,
+           parallelism: {parallelism}}}
 finetune: {{passage_tokens: 16}}
 """
 
 
-def run(w: Path, small_corpus, accum: int, nproc: int, dropout: float = 0.0, resume: bool = False) -> list[float]:
+def run(w: Path, small_corpus, accum: int, nproc: int, dropout: float = 0.0, resume: bool = False,
+        parallelism: str = "ddp") -> list[float]:
     if not resume:
         w.mkdir()
         shutil.copytree(small_corpus["tokenizer"], w / "tokenizer")
-        (w / "c.yaml").write_text(CONFIG.format(accum=accum, dropout=dropout))
+        (w / "c.yaml").write_text(CONFIG.format(accum=accum, dropout=dropout, parallelism=parallelism))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
     cmd = [*launcher, "-m", "gptcore.cli", "pretrain", "--workdir", str(w), "--config", str(w / "c.yaml"), "--no-tracking",
            *(["--resume"] if resume else [])]
     proc = subprocess.run(cmd, env=ENV, cwd=w, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (w / "log.txt").write_text(proc.stderr)
     records = [json.loads(line) for line in (w / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     return [r["train_loss"] for r in records if "train_loss" in r]
 
@@ -42,17 +45,42 @@ def test_two_ranks_match_one_process_with_twice_the_accumulation(small_corpus, t
     assert ddp[-1] < ddp[0]  # and it learns
 
 
+def resume_from_step_10(straight: Path, w: Path, small_corpus, nproc: int) -> list[float]:
+    """Steps 11..20 of the run in `straight`, resumed in `w` from its step-10 checkpoint."""
+    w.mkdir()
+    shutil.copytree(straight / "tokenizer", w / "tokenizer")
+    shutil.copy(straight / "c.yaml", w / "c.yaml")
+    ckpt = w / "pretrain" / "checkpoints" / "step_000010"
+    shutil.copytree(straight / "pretrain" / "checkpoints" / "step_000010", ckpt)
+    return run(w, small_corpus, accum=1, nproc=nproc, resume=True)
+
+
 def test_two_ranks_resume_exactly_with_dropout(small_corpus, tmp_path):
     """Each rank's RNG stream is in the checkpoint: dropout masks after a resume are the ones it would have drawn."""
     straight = run(tmp_path / "straight", small_corpus, accum=1, nproc=2, dropout=0.1)
-    w = tmp_path / "resumed"
-    w.mkdir()
-    shutil.copytree(tmp_path / "straight" / "tokenizer", w / "tokenizer")
-    shutil.copy(tmp_path / "straight" / "c.yaml", w / "c.yaml")
-    ckpt = w / "pretrain" / "checkpoints" / "step_000010"
-    shutil.copytree(tmp_path / "straight" / "pretrain" / "checkpoints" / "step_000010", ckpt)
-    resumed = run(w, small_corpus, accum=1, nproc=2, resume=True)
+    resumed = resume_from_step_10(tmp_path / "straight", tmp_path / "resumed", small_corpus, nproc=2)
     assert resumed == straight[10:]  # steps 11..20, bit for bit
+
+
+def test_fsdp_trains_like_one_process_resumes_exactly_and_writes_whole_weights(small_corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    from gptcore.checkpoint import load_lm
+
+    fsdp = run(tmp_path / "fsdp", small_corpus, accum=2, nproc=2, parallelism="fsdp")
+    assert "parameters sharded over 2 ranks (FSDP)" in (tmp_path / "fsdp" / "log.txt").read_text()
+    single = run(tmp_path / "single", small_corpus, accum=4, nproc=1)
+    for step, (a, b) in enumerate(zip(fsdp, single, strict=True), start=1):
+        assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: FSDP {a} vs 1 process {b}"
+    # Checkpoints hold the full, unsharded weights, under the names a single process writes.
+    sharded = load_file(tmp_path / "fsdp" / "pretrain" / "checkpoints" / "step_000020" / "model.safetensors")
+    whole = load_file(tmp_path / "single" / "pretrain" / "checkpoints" / "step_000020" / "model.safetensors")
+    assert {k: v.shape for k, v in sharded.items()} == {k: v.shape for k, v in whole.items()}
+    model, _ = load_lm(tmp_path / "fsdp" / "pretrain" / "best")  # what export reads
+    assert model.lm_head.weight is model.wte.weight
+    # Each rank takes its shard of the full optimizer state back: the resumed steps are the same.
+    resumed = resume_from_step_10(tmp_path / "fsdp", tmp_path / "resumed", small_corpus, nproc=2)
+    assert resumed == fsdp[10:]
 
 
 def launch_cfg(nproc: int):

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import shutil
 
 import pytest
@@ -9,7 +10,7 @@ from gptcore.checkpoint import complete_checkpoints, latest_checkpoint
 from gptcore.config import TrainConfig
 from gptcore.model import GPT
 from gptcore.pretrain import load_pretrained, pretrain
-from gptcore.train import configure_optimizers, lr_multiplier
+from gptcore.train import LRSchedule, TrainClock, configure_optimizers, fit_budget
 
 
 def test_optimizer_decays_matrices_only(tiny_model_cfg):
@@ -28,11 +29,47 @@ def test_optimizer_decays_matrices_only(tiny_model_cfg):
 
 def test_lr_schedule_warms_up_then_decays_to_min():
     cfg = TrainConfig(max_steps=100, lr=1.0, min_lr=0.1, warmup_steps=10)
-    at = lr_multiplier(cfg)
+    at = LRSchedule(cfg)
     assert at(0) < at(5) < at(9) <= 1.0
     assert at(10) == pytest.approx(1.0)
     assert at(55) < at(10)
     assert at(100) == pytest.approx(0.1)
+    at.total_steps = 50  # what a time budget fixes: the decay ends there
+    assert at(50) == pytest.approx(0.1) and at(30) == pytest.approx(0.55)
+
+
+class FakeClock(TrainClock):
+    def __init__(self):
+        super().__init__(torch.device("cpu"))
+
+    def pause(self) -> None:  # the test sets .seconds
+        pass
+
+
+def test_time_budget_fixes_the_steps_from_the_probe_step_time():
+    cfg = TrainConfig(max_steps=10_000, time_budget_s=10.0)
+    clock, state = FakeClock(), {"budget_steps": None}
+    clock.seconds = 1.0  # the first steps paid for compilation
+    fit_budget("t", cfg, 5, 5, clock, state)
+    clock.seconds = 3.0  # 20 steps in 2 s: 0.1 s a step
+    fit_budget("t", cfg, 25, 25, clock, state)
+    assert state["budget_steps"] == 25 + 70  # 7 s left
+    state = {"budget_steps": None}
+    fit_budget("t", TrainConfig(max_steps=60, time_budget_s=10.0), 5, 5, clock, state)
+    clock.seconds = 5.0
+    fit_budget("t", TrainConfig(max_steps=60, time_budget_s=10.0), 25, 25, clock, state)
+    assert state["budget_steps"] == 60  # max_steps caps it
+
+
+def test_budgeted_pretraining_ends_its_schedule_within_the_budget(small_corpus, tiny_model_cfg, tiny_train_cfg, tmp_path):
+    cfg = dataclasses.replace(tiny_train_cfg, max_steps=100_000, time_budget_s=2.0, eval_interval=100_000,
+                              checkpoint_interval=100_000, log_interval=10)
+    result = pretrain(tiny_model_cfg, cfg, small_corpus["tokenizer"], tmp_path / "p")
+    assert 25 < result.steps < 100_000
+    records = [json.loads(line) for line in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if "lr" in r][-1]
+    assert last["step"] == result.steps and last["lr"] == pytest.approx(cfg.min_lr)  # the cosine finished
+    assert "val_loss" in records[-1]  # evaluated at the end
 
 
 def test_pretrain_learns_and_writes_best_and_checkpoints(small_corpus, tiny_model_cfg, tiny_train_cfg, tmp_path):
