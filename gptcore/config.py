@@ -33,7 +33,7 @@ def _positive(obj: Any, *names: str) -> None:
 class IngestConfig:
     sources: list[str] = field(default_factory=lambda: ["shakespeare"])
     """Where documents come from: `shakespeare` (built in), a path or glob of .txt/.md/.jsonl/
-    .parquet files, or `hf:NAME[:CONFIG][@SPLIT]` for a Hugging Face dataset."""
+    .jsonl.gz/.jsonl.zst/.parquet/.csv files, or `hf:NAME[:CONFIG][@SPLIT]` for a Hugging Face dataset."""
     text_field: str = "text"
     """Field holding the text in .jsonl/.parquet records and Hugging Face datasets."""
     metadata_fields: list[str] = field(default_factory=list)
@@ -43,10 +43,41 @@ class IngestConfig:
     test_fraction: float = 0.05
     """Share of documents held out for test (at least one document)."""
     dedup: bool = True
-    """Drop documents whose normalised text exactly repeats an earlier one."""
+    """Drop documents whose cleaned text exactly repeats an earlier one."""
+    near_dedup: bool = False
+    """Also drop near-duplicates (MinHash LSH over word 5-grams); costs memory and time per document."""
+    near_dedup_threshold: float = 0.8
+    """Estimated Jaccard similarity at which a document counts as a near-duplicate."""
+    remove_control_chars: bool = True
+    """Remove control characters other than tab and newline."""
+    redact_pii: bool = True
+    """Replace e-mail addresses, IP addresses and phone numbers with <EMAIL>, <IP_ADDRESS>, <PHONE>."""
+    min_document_bytes: int = 1
+    """Drop cleaned documents shorter than this (UTF-8 bytes)."""
+    max_document_bytes: int = 16_000_000
+    """Skip records longer than this while reading (never held whole) and drop longer cleaned documents."""
+    filters: list[str] = field(default_factory=list)
+    """Extra predicates `module:function(text, metadata) -> bool` (False drops), e.g.
+    `gptcore.data.filters:mostly_letters`; language or quality filters plug in here."""
+    invalid_utf8: str = "fail"
+    """`fail` (error naming the file and byte offset) or `replace` (U+FFFD, counted)."""
+    bad_records: str = "fail"
+    """A JSONL/CSV/Parquet record that is not JSON, lacks a field or has a non-text text field:
+    `fail` (error naming file and line) or `skip` (counted)."""
+    hf_streaming: bool = True
+    """Stream Hugging Face datasets instead of downloading them whole first."""
 
     def __post_init__(self) -> None:
         _check(len(self.sources) > 0, "sources", "needs at least one source")
+        _check(self.invalid_utf8 in ("fail", "replace"), "invalid_utf8", f"must be fail or replace, got {self.invalid_utf8!r}")
+        _check(self.bad_records in ("fail", "skip"), "bad_records", f"must be fail or skip, got {self.bad_records!r}")
+        _check(0 < self.near_dedup_threshold <= 1, "near_dedup_threshold",
+               f"must be in (0, 1], got {self.near_dedup_threshold}")
+        _positive(self, "min_document_bytes", "max_document_bytes")
+        _check(self.min_document_bytes <= self.max_document_bytes, "min_document_bytes",
+               f"{self.min_document_bytes} exceeds max_document_bytes={self.max_document_bytes}")
+        for spec in self.filters:
+            _check(spec.count(":") == 1 and all(spec.split(":")), "filters", f"{spec!r} is not 'module:function'")
         _check(bool(self.text_field), "text_field", "must not be empty")
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
@@ -58,12 +89,19 @@ class TokenizerConfig:
     vocab_size: int = 4096
     """Size of the byte-level BPE vocabulary, special tokens included."""
     min_frequency: int = 2
-    """A merge must occur at least this often in the train split."""
+    """A merge must occur at least this often in the training sample."""
+    sample_bytes: int = 64_000_000
+    """Train BPE on at most this many bytes of the train split: every k-th document, spread over it."""
+    shard_tokens: int = 100_000_000
+    """Tokens per shard file (the last shard of a split holds the rest)."""
+    workers: int = 0
+    """Processes that encode in parallel; 0: one per CPU core."""
 
     def __post_init__(self) -> None:
         # 256 byte tokens + the special tokens must fit.
         _check(self.vocab_size >= 260, "vocab_size", f"must be >= 260, got {self.vocab_size}")
-        _positive(self, "min_frequency")
+        _positive(self, "min_frequency", "sample_bytes", "shard_tokens")
+        _check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
 
 
 @dataclass

@@ -85,7 +85,7 @@ def evaluate_lm(
     tokens = load_tokenized(tokenized_dir)
     tok = load_tokenizer(tokenized_dir)
     byte_lengths = token_byte_lengths(tok)
-    train_tokens = read_tokens(tokens, "train")
+    train_counts = read_tokens(tokens, "train").bincount(tokens.vocab_size)
     out_dir = Path(out_dir)
     scores, unigram = {}, {}
     for split in ("val", "test"):
@@ -94,7 +94,7 @@ def evaluate_lm(
         loss = float(nats.mean())
         scores[split] = {"loss": loss, "perplexity": math.exp(loss), "bpb": bits_per_byte(float(nats.sum()), n_bytes),
                          "tokens": int(targets.size), "bytes": n_bytes}
-        unigram[split] = bits_per_byte(unigram_nats(train_tokens, targets, tokens.vocab_size), n_bytes)
+        unigram[split] = bits_per_byte(unigram_nats(train_counts, targets), n_bytes)
         log.info("evaluate: %s loss %.4f | ppl %.2f | %.4f bits/byte (unigram baseline %.4f) over %d tokens", split,
                  loss, math.exp(loss), scores[split]["bpb"], unigram[split], targets.size)
     samples = generate_samples(model, tok, cfg)

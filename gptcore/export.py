@@ -112,7 +112,8 @@ def package_meta(kind: str, gpt: GPT, tok, model_meta: dict, parity: dict) -> di
         "n_head": cfg.n_head, "head_dim": cfg.n_embd // cfg.n_head, "vocab_size": cfg.vocab_size,
         "eos_token_id": tok.token_to_id(EOT), "pad_token_id": tok.token_to_id(PAD),
         "labels": model_meta.get("labels", []), "model": model_meta["model"],
-        "data_digest": model_meta["data_digest"], "tokenizer_digest": model_meta["tokenizer_digest"], "parity": parity,
+        "data_digest": model_meta["data_digest"], "tokenizer_digest": model_meta["tokenizer_digest"],
+        "tokens_digest": model_meta.get("tokens_digest"), "parity": parity,
     }
 
 

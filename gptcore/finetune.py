@@ -180,6 +180,7 @@ def finetune(
 
     tags = {"gptcore.data_digest": pretrained.data_digest, "gptcore.tokenizer_digest": pretrained.tokenizer_digest}
     with stage_run(tracking, "finetune", tags=tags) as run:
+        run.log_dataset(Path(data_dir) / "manifest.json", pretrained.data_digest)
         run.log_params({"finetune": asdict(cfg), "labels": labels, "train_passages": len(train), "val_passages": len(val)})
         counts = np.bincount(train.labels, minlength=len(labels))
         log.info("finetune: %d train / %d val passages of <= %d tokens; classes %s",

@@ -58,8 +58,8 @@ def bits_per_byte(nats: float, n_bytes: int) -> float:
     return nats / math.log(2) / n_bytes
 
 
-def unigram_nats(train_tokens: np.ndarray, targets: np.ndarray, vocab_size: int) -> float:
-    """Summed NLL (nats) of `targets` under add-one-smoothed unigram frequencies of the train tokens."""
-    counts = np.bincount(np.asarray(train_tokens, dtype=np.int64), minlength=vocab_size).astype(np.float64) + 1.0
+def unigram_nats(train_counts: np.ndarray, targets: np.ndarray) -> float:
+    """Summed NLL (nats) of `targets` under add-one-smoothed unigram frequencies (train token counts per id)."""
+    counts = np.asarray(train_counts, dtype=np.float64) + 1.0
     log_p = np.log(counts / counts.sum())
     return float(-log_p[np.asarray(targets, dtype=np.int64)].sum())

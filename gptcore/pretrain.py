@@ -122,13 +122,15 @@ def pretrain(
     torch.manual_seed(train_cfg.seed)
     model = GPT(model_cfg)
     meta = {"kind": "lm", "model": asdict(model_cfg), "data_digest": tokens.data_digest,
-            "tokenizer_digest": tokens.tokenizer_digest}
+            "tokenizer_digest": tokens.tokenizer_digest, "tokens_digest": tokens.digest}
     batches = TokenBatches(read_tokens(tokens, "train"), train_cfg.batch_size, model_cfg.block_size, train_cfg.seed,
                            dist.rank, dist.world_size, train_cfg.grad_accum_steps, pin=dist.device.type == "cuda")
     val_windows = fixed_windows(read_tokens(tokens, "val"), model_cfg.block_size, train_cfg.eval_batches * train_cfg.batch_size)
-    tags = {"gptcore.data_digest": tokens.data_digest, "gptcore.tokenizer_digest": tokens.tokenizer_digest}
+    tags = {"gptcore.data_digest": tokens.data_digest, "gptcore.tokenizer_digest": tokens.tokenizer_digest,
+            "gptcore.tokens_digest": tokens.digest}
     try:
         with stage_run(tracking if dist.is_main else None, "pretrain", tags=tags) as run:
+            run.log_dataset(Path(tokenized_dir) / "tokens.json", tokens.digest, name="tokens")
             run.log_params({"model": asdict(model_cfg), "train": asdict(train_cfg), "num_params": model.num_parameters(),
                             "world_size": dist.world_size})
             log.info("pretrain: %.2fM parameters, %d steps of %d x %d x %d tokens on %s x %d", model.num_parameters() / 1e6,

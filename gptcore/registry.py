@@ -73,7 +73,8 @@ def register(
     metric, direction, (section, key) = PROMOTION_METRIC[meta["kind"]]
     value = float(read_eval(eval_path)[section][key])
     tags = {"gptcore.kind": meta["kind"], "gptcore.data_digest": meta["data_digest"],
-            "gptcore.tokenizer_digest": meta["tokenizer_digest"], f"gptcore.metric.{metric}": value,
+            "gptcore.tokenizer_digest": meta["tokenizer_digest"], "gptcore.tokens_digest": meta.get("tokens_digest"),
+            f"gptcore.metric.{metric}": value,
             "gptcore.parity": json.dumps(meta["parity"]), **source_tags()}
     if config is not None:
         tags["gptcore.config"] = json.dumps(config, sort_keys=True)[:5000]

@@ -1,26 +1,33 @@
-"""Byte-level BPE with Hugging Face `tokenizers`, trained on the train split only, and token files.
+"""Byte-level BPE with Hugging Face `tokenizers`, trained on a sample of the train split, and token shards.
 
 Output (written to a temporary directory, then renamed into place):
-    OUT/tokenizer.json       loads with `tokenizers.Tokenizer.from_file`
-    OUT/{train,val,test}.bin token ids of each split, documents joined by <|endoftext|>,
-                             uint16 when the vocabulary fits, else uint32 (read with np.memmap)
-    OUT/tokens.json          dtype, token/byte/document counts per split, digests
+    OUT/tokenizer.json        loads with `tokenizers.Tokenizer.from_file`
+    OUT/{split}_NNNNN.bin     token shards of each split (`gptcore.data.shards`), documents joined
+                              by <|endoftext|>, uint16 when the vocabulary fits, else uint32
+    OUT/tokens.json           dtype; per split token/byte/document counts and every shard with its
+                              token count and sha256; the tokenizer and data digests; the sample
 
 The initial alphabet is all 256 bytes and there is no normaliser, so any UTF-8 text encodes
-and decodes back exactly.
+and decodes back exactly. Re-running on the same ingested corpus, config and code does no work.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from gptcore.config import TokenizerConfig
-from gptcore.data.ingest import SPLITS, load_ingest, read_split
+from gptcore.data.ingest import SPLITS, load_ingest
+from gptcore.data.lineage import fingerprint, up_to_date
+from gptcore.data.shards import TokenShards, encode_splits, encode_texts, token_byte_lengths
 from gptcore.errors import InputError
 from gptcore.fsutil import atomic_dir, read_stage_output, sha256_file, write_json
 from gptcore.tracking import Tracking, stage_run
@@ -30,7 +37,6 @@ log = logging.getLogger("gptcore.tokenizer")
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = [EOT, PAD]
-_ENCODE_CHUNK = 256  # documents per encode_batch call: bounded memory, all cores busy
 
 
 @dataclass
@@ -43,9 +49,11 @@ class TokenizerResult:
     bytes_per_token: dict[str, float]
     tokenizer_digest: str
     data_digest: str
+    shards: dict[str, list[str]]
+    digest: str
 
-    def tokens_path(self, split: str) -> Path:
-        return Path(self.out_dir) / f"{split}.bin"
+    def shard_paths(self, split: str) -> list[Path]:
+        return [Path(self.out_dir) / name for name in self.shards[split]]
 
 
 def new_tokenizer():
@@ -88,75 +96,94 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def token_byte_lengths(tok) -> np.ndarray:
-    """Bytes each token id stands for (0 for special tokens): the basis of bits per byte.
-
-    In a byte-level vocabulary each character of a token's string stands for exactly one byte.
-    """
-    lengths = np.zeros(tok.get_vocab_size(), dtype=np.int64)
-    specials = set(SPECIAL_TOKENS)
-    for token, idx in tok.get_vocab().items():
-        lengths[idx] = 0 if token in specials else len(token)
-    return lengths
-
-
 def encode_documents(tok, texts: list[str], eot_id: int) -> np.ndarray:
-    """All documents' ids, each followed by <|endoftext|>, as one int64 array.
-
-    A literal `<|endoftext|>` inside a document is encoded as text, not as the special token:
-    only the boundaries between documents are <|endoftext|> ids.
-    """
-    parts = []
+    """All documents' ids, each followed by <|endoftext|> (a literal one inside a document stays text)."""
     previous = tok.encode_special_tokens
     tok.encode_special_tokens = True
     try:
-        for i in range(0, len(texts), _ENCODE_CHUNK):
-            for enc in tok.encode_batch(texts[i : i + _ENCODE_CHUNK], add_special_tokens=False):
-                parts.append(np.asarray(enc.ids, dtype=np.int64))
-                parts.append(np.asarray([eot_id], dtype=np.int64))
+        return encode_texts(tok, texts, eot_id, np.dtype(np.int64))
     finally:
         tok.encode_special_tokens = previous
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def sample_texts(path: Path, every: int) -> Iterator[str]:
+    """Every `every`-th document of a split's Parquet file, read a row group at a time.
+
+    Row groups, not `iter_batches`: its default batches of 65536 rows hold hundreds of MB of
+    text at once, and only the sampled rows become Python strings.
+    """
+    import pyarrow.parquet as pq
+
+    f, row = pq.ParquetFile(path), 0
+    for group in range(f.num_row_groups):
+        column = f.read_row_group(group, columns=["text"]).column(0)
+        picked = list(range(-row % every, len(column), every))
+        row += len(column)
+        yield from column.take(picked).to_pylist()
+
+
+class EncodeProgress:
+    """A log line every ~10 s while encoding: bytes done, MB/s, ETA."""
+
+    def __init__(self, total_bytes: int):
+        self.total, self.done, self.start, self.last = total_bytes, 0, time.perf_counter(), 0.0
+
+    def __call__(self, n_bytes: int) -> None:
+        self.done += n_bytes
+        now = time.perf_counter()
+        if now - self.last >= 10 or self.done >= self.total:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            log.info("tokenizer: encoded %.1f/%.1f MB, %.1f MB/s, ETA %.0fs", self.done / 1e6, self.total / 1e6,
+                     rate / 1e6, max(self.total - self.done, 0) / max(rate, 1e-9))
 
 
 def train_tokenizer(
     cfg: TokenizerConfig, data_dir: str | Path, out_dir: str | Path, tracking: Tracking | None = None
 ) -> TokenizerResult:
-    """Train BPE on the train split of `data_dir`, then encode every split into `out_dir`."""
+    """Train BPE on a sample of the train split of `data_dir`, then encode every split into shards in `out_dir`."""
     start = time.perf_counter()
     corpus = load_ingest(data_dir)
     out_dir = Path(out_dir)
+    key = fingerprint(None, asdict(cfg), [__name__, "gptcore.data.shards"], inputs=[corpus.digest])
+    if up_to_date(out_dir / "tokens.json", key):
+        result = load_tokenized(out_dir)
+        log.info("tokenizer: corpus %s, config and code unchanged since %s was written: nothing to do",
+                 corpus.digest[:12], out_dir)
+        with stage_run(tracking, "tokenizer", tags={"gptcore.data_digest": corpus.digest, "gptcore.cached": True}) as run:
+            run.log_dataset(out_dir / "tokens.json", result.digest, name="tokens")
+        return result
     with stage_run(tracking, "tokenizer", tags={"gptcore.data_digest": corpus.digest}) as run:
         run.log_params(asdict(cfg))
-        train_texts = read_split(data_dir, "train", ["text"]).column("text").to_pylist()
-        tok = train_bpe(train_texts, cfg.vocab_size, cfg.min_frequency)
-        vocab_size = tok.get_vocab_size()
-        eot_id = tok.token_to_id(EOT)
-        dtype = token_dtype(vocab_size)
-        lengths = token_byte_lengths(tok)
-        log.info("tokenizer: trained %d-token BPE on %d documents in %.1fs", vocab_size, len(train_texts),
-                 time.perf_counter() - start)
-        manifest = {"vocab_size": vocab_size, "dtype": dtype.name, "eot_id": eot_id, "pad_id": tok.token_to_id(PAD),
-                    "data_digest": corpus.digest, "splits": {}}
+        every = max(1, math.ceil(corpus.bytes["train"] / cfg.sample_bytes))
+        sample = {"every": every, "documents": math.ceil(corpus.documents["train"] / every)}
+        workers = cfg.workers or os.cpu_count() or 1
         with atomic_dir(out_dir) as tmp:
+            tok = train_bpe(sample_texts(corpus.split_path("train"), every), cfg.vocab_size, cfg.min_frequency)
             tok.save(str(tmp / "tokenizer.json"))
-            for split in SPLITS:
-                texts = train_texts if split == "train" else read_split(data_dir, split, ["text"]).column("text").to_pylist()
-                ids = encode_documents(tok, texts, eot_id)
-                ids.astype(dtype).tofile(tmp / f"{split}.bin")
-                n_bytes = int(lengths[ids].sum())
-                manifest["splits"][split] = {"tokens": int(ids.size), "bytes": n_bytes, "documents": len(texts),
-                                             "bytes_per_token": n_bytes / max(ids.size, 1)}
-                log.info("tokenizer: %s: %d documents -> %d tokens (%.2f bytes/token)", split, len(texts),
-                         ids.size, n_bytes / max(ids.size, 1))
-            manifest["tokenizer_digest"] = sha256_file(tmp / "tokenizer.json")
-            write_json(tmp / "tokens.json", manifest)
+            vocab_size, eot_id, dtype = tok.get_vocab_size(), tok.token_to_id(EOT), token_dtype(tok.get_vocab_size())
+            log.info("tokenizer: trained %d-token BPE on every %d-th train document (%d of %d) in %.1fs", vocab_size,
+                     every, sample["documents"], corpus.documents["train"], time.perf_counter() - start)
+            splits = encode_splits({s: corpus.split_path(s) for s in SPLITS}, tmp / "tokenizer.json", eot_id, dtype,
+                                   tmp, cfg.shard_tokens, workers, EncodeProgress(sum(corpus.bytes.values())))
+            for split, st in splits.items():
+                st["bytes_per_token"] = st["bytes"] / max(st["tokens"], 1)
+                log.info("tokenizer: %s: %d documents -> %d tokens in %d shard(s) (%.2f bytes/token)", split,
+                         st["documents"], st["tokens"], len(st["shards"]), st["bytes_per_token"])
+            digest = hashlib.sha256("".join(sh["sha256"] for s in SPLITS for sh in splits[s]["shards"]).encode())
+            write_json(tmp / "tokens.json", {
+                "vocab_size": vocab_size, "dtype": dtype.name, "eot_id": eot_id, "pad_id": tok.token_to_id(PAD),
+                "data_digest": corpus.digest, "tokenizer_digest": sha256_file(tmp / "tokenizer.json"),
+                "digest": digest.hexdigest(), "sample": sample, "workers": workers, "splits": splits,
+                "fingerprint": key})
         result = load_tokenized(out_dir)
-        run.set_tags({"gptcore.tokenizer_digest": result.tokenizer_digest})
-        run.log_metrics({"vocab_size": vocab_size, "val_bytes_per_token": result.bytes_per_token["val"]}
+        run.set_tags({"gptcore.tokenizer_digest": result.tokenizer_digest, "gptcore.tokens_digest": result.digest})
+        total = sum(st["bytes"] for st in splits.values())
+        run.log_metrics({"vocab_size": vocab_size, "val_bytes_per_token": result.bytes_per_token["val"],
+                         "seconds": time.perf_counter() - start, "mb_per_s": total / 1e6 / (time.perf_counter() - start)}
                         | {f"{s}_tokens": n for s, n in result.tokens.items()})
         run.log_artifact(result.tokenizer_path)
-        run.log_artifact(out_dir / "tokens.json")
+        run.log_dataset(out_dir / "tokens.json", result.digest, name="tokens")
     return result
 
 
@@ -172,12 +199,15 @@ def load_tokenized(out_dir: str | Path) -> TokenizerResult:
         bytes_per_token={s: v["bytes_per_token"] for s, v in m["splits"].items()},
         tokenizer_digest=m["tokenizer_digest"],
         data_digest=m["data_digest"],
+        shards={s: [sh["file"] for sh in v["shards"]] for s, v in m["splits"].items()},
+        digest=m["digest"],
     )
 
 
-def read_tokens(result: TokenizerResult, split: str) -> np.ndarray:
-    """A split's token ids as a read-only memmap."""
-    path = result.tokens_path(split)
-    if not path.is_file():
-        raise InputError(f"{path}: token file not found; run `gptcore tokenizer` first")
-    return np.memmap(path, dtype=np.dtype(result.dtype), mode="r")
+def read_tokens(result: TokenizerResult, split: str) -> TokenShards:
+    """A split's token ids, read from its shards through memory maps."""
+    paths = result.shard_paths(split)
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise InputError(f"{missing[0]}: token shard not found; run `gptcore tokenizer` again")
+    return TokenShards(paths, np.dtype(result.dtype))

@@ -8,6 +8,7 @@ A stage given no `Tracking` logs nothing, so every stage is testable with tracki
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import subprocess
@@ -141,6 +142,18 @@ class StageRun:
     def log_dict(self, data: Any, artifact_file: str) -> None:
         if self.enabled:
             self.client.log_dict(self.run_id, data, artifact_file)
+
+    def log_dataset(self, manifest: str | Path, digest: str, name: str = "corpus", context: str = "training") -> None:
+        """The data behind this run as an MLflow dataset input (its digest; the manifest as source and artifact)."""
+        if not self.enabled:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        # MLflow keeps 36 characters of a dataset digest; the full sha256 goes in the tag.
+        dataset = Dataset(name=name, digest=digest[:32], source_type="local",
+                          source=json.dumps({"uri": str(Path(manifest).resolve())}))
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+        self.log_artifact(manifest)
 
     def artifact_uri(self, artifact_path: str) -> str | None:
         if not self.enabled:

@@ -80,7 +80,9 @@ def test_manifest_counts_match_the_parquet_files(shakespeare):
         assert manifest["splits"][s]["documents"] == len(rows) == result.documents[s]
         assert manifest["splits"][s]["bytes"] == sum(len(r["text"].encode("utf-8")) for r in rows) == result.bytes[s]
     assert manifest["columns"] == ["id", "text", "source", "genre", "play", "scene"]
-    assert result.documents["val"] == round(sum(result.documents.values()) * 0.05)
+    expected = sum(result.documents.values()) * 0.05  # each id hashes to val with probability 0.05
+    for s in ("val", "test"):
+        assert abs(result.documents[s] - expected) <= 3 * expected**0.5 + 1
     assert load_ingest(result.out_dir) == result
 
 
@@ -149,9 +151,9 @@ def test_several_sources_combine_and_order_does_not_change_the_split(tmp_path):
     two = ingest(IngestConfig(sources=[str(b), str(a)], val_fraction=0.2, test_fraction=0.2), tmp_path / "ba",
                  tracking=None)
     assert sum(one.documents.values()) == 12
-    assert one.digest == two.digest
-    for s in SPLITS:  # the manifest differs only in listing the sources as given
-        assert one.split_path(s).read_bytes() == two.split_path(s).read_bytes()
+    assert one.digest == two.digest and one.documents == two.documents
+    for s in SPLITS:  # the same documents in each split, in the order the sources gave them
+        assert sorted(read_split(one.out_dir, s)["id"].to_pylist()) == sorted(read_split(two.out_dir, s)["id"].to_pylist())
 
 
 def test_text_is_nfc_normalised_with_lf_line_endings(tmp_path):

@@ -86,16 +86,20 @@ def test_round_trips_any_utf8_exactly(corpus, text):
     assert tok.decode(ids, skip_special_tokens=False) == text
 
 
-def test_token_files_are_uint16_with_the_manifest_counts(corpus):
+def test_token_shards_are_uint16_with_the_manifest_counts_and_digests(corpus):
     result = corpus["result"]
+    manifest = json.loads((Path(result.out_dir) / "tokens.json").read_text(encoding="utf-8"))
     assert result.dtype == "uint16"
     for split in SPLITS:
-        path = result.tokens_path(split)
+        shards = manifest["splits"][split]["shards"]
+        assert [s["file"] for s in shards] == [f"{split}_00000.bin"]
+        path = Path(result.out_dir) / shards[0]["file"]
         ids = np.memmap(path, dtype=np.uint16, mode="r")
-        assert len(ids) == result.tokens[split] > 0
+        assert len(ids) == result.tokens[split] == shards[0]["tokens"] > 0
         assert path.stat().st_size == 2 * result.tokens[split]
+        assert sha256_file(path) == shards[0]["sha256"]
         assert ids.max() < result.vocab_size
-        assert np.array_equal(read_tokens(result, split), ids)
+        assert np.array_equal(np.asarray(read_tokens(result, split)), ids)
 
 
 def test_every_document_is_followed_by_eot(corpus):
@@ -128,7 +132,7 @@ def test_tokenizer_is_trained_on_the_train_split_only(corpus):
 
     held_out = [row["marker"] for s in ("val", "test") for row in corpus["splits"][s]]
     train = [row["marker"] for row in corpus["splits"]["train"]]
-    assert len(held_out) == 8 and len(train) == 16
+    assert len(held_out) >= 2 and len(train) >= 12
     assert all(single_token(m) for m in train)  # 50 repeats are enough to become one token...
     assert not any(single_token(m) for m in held_out)  # ...but only where the tokenizer could see them
 

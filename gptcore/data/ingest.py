@@ -1,11 +1,14 @@
-"""Ingest: read the sources, normalise, drop exact duplicates, split by document, write the splits.
+"""Ingest: stream the sources, clean and filter, drop duplicates, split by document, write the splits.
 
 Output (written to a temporary directory, then renamed into place):
     OUT/train.parquet, OUT/val.parquet, OUT/test.parquet   columns: id, text, source, <metadata>
-    OUT/manifest.json    per split: documents, bytes, digest; the corpus digest; what was dropped
+    OUT/manifest.json    per split: documents, bytes, digest; every source file with its sha256;
+                         what each cleaning step counted; the corpus digest; the input fingerprint
 
-A document lands in a split by a hash of its id, so the split does not depend on the order of
-the sources and no document (for Shakespeare: no scene) is in two splits.
+Memory stays bounded: documents stream from the readers to row groups of the Parquet writers,
+and the exact-duplicate index costs 8 bytes a document. A document lands in a split by a hash
+of its id alone, so its split depends neither on the order of the sources nor on the rest of
+the corpus. Re-running on unchanged inputs, config and code does no work (`fingerprint`).
 """
 
 from __future__ import annotations
@@ -13,12 +16,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-import unicodedata
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from gptcore.config import IngestConfig
-from gptcore.data.sources import Document, read_sources
+from gptcore.data.dedup import ExactDedup, NearDedup
+from gptcore.data.filters import Cleaner
+from gptcore.data.lineage import fingerprint, source_digests, up_to_date
+from gptcore.data.sources import SHAKESPEARE_FIELDS, Document, Reader
 from gptcore.errors import InputError
 from gptcore.fsutil import atomic_dir, read_stage_output, write_json
 from gptcore.tracking import Tracking, stage_run
@@ -26,6 +33,8 @@ from gptcore.tracking import Tracking, stage_run
 log = logging.getLogger("gptcore.data")
 
 SPLITS = ("train", "val", "test")
+_ROW_GROUP_BYTES = 8 << 20
+_PROGRESS_EVERY_S = 10.0
 
 
 @dataclass
@@ -40,126 +49,226 @@ class IngestResult:
         return Path(self.out_dir) / f"{split}.parquet"
 
 
-def normalise(text: str) -> str:
-    """Unicode NFC and `\\n` line endings, so equal texts compare and tokenize equal."""
-    return unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+def split_key(doc_id: str) -> int:
+    """A document's place in [0, 2^64): its split, from its id alone."""
+    return int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:8], "big")
 
 
-def split_key(doc_id: str) -> str:
-    return hashlib.sha256(doc_id.encode("utf-8")).hexdigest()
+class SplitAssigner:
+    """Assigns each document to train, val or test by its key (a hash of its id).
+
+    A small corpus (up to SMALL_CORPUS documents and bytes, held in memory) gets exact
+    fractions by rank of key, at least one document in each split. Past that the documents
+    stream: val below val_fraction of the key range, test below val + test, train above, so a
+    document's split depends on its id alone.
+    """
+
+    SMALL_CORPUS = (1000, 64 << 20)
+
+    def __init__(self, val_fraction: float, test_fraction: float):
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.val_below = int(val_fraction * 2**64)
+        self.test_below = int((val_fraction + test_fraction) * 2**64)
+        self.buffer: list[Document] | None = []
+        self.buffer_bytes = 0
+
+    def by_threshold(self, doc: Document) -> tuple[str, Document]:
+        key = split_key(doc.id)
+        return ("val" if key < self.val_below else "test" if key < self.test_below else "train"), doc
+
+    def assign(self, doc: Document) -> list[tuple[str, Document]]:
+        """The (split, document) pairs to write now."""
+        if self.buffer is None:
+            return [self.by_threshold(doc)]
+        self.buffer.append(doc)
+        self.buffer_bytes += len(doc.text)
+        if len(self.buffer) <= self.SMALL_CORPUS[0] and self.buffer_bytes <= self.SMALL_CORPUS[1]:
+            return []
+        held, self.buffer = self.buffer, None  # a large corpus: stream from here on
+        return [self.by_threshold(d) for d in held]
+
+    def finish(self) -> list[tuple[str, Document]]:
+        """What a small corpus held back, by rank of key."""
+        if self.buffer is None:
+            return []
+        docs = sorted(self.buffer, key=lambda d: split_key(d.id))
+        if len(docs) < 3:
+            raise InputError(f"the corpus has {len(docs)} document(s) after cleaning; train/val/test needs at least 3")
+        n_val = max(1, round(len(docs) * self.val_fraction))
+        n_test = max(1, round(len(docs) * self.test_fraction))
+        if n_val + n_test >= len(docs):
+            raise InputError(f"the corpus has {len(docs)} documents: val_fraction={self.val_fraction} and "
+                             f"test_fraction={self.test_fraction} hold out {n_val} + {n_test}, leaving none for train")
+        splits = ["val"] * n_val + ["test"] * n_test + ["train"] * (len(docs) - n_val - n_test)
+        return sorted(zip(splits, docs), key=lambda pair: pair[1].id)
 
 
-def assign_splits(docs: list[Document], val_fraction: float, test_fraction: float) -> dict[str, list[Document]]:
-    """Deterministic document-level split: the lowest hash keys go to val, the next to test."""
-    if len(docs) < 3:
-        raise InputError(f"the corpus has {len(docs)} document(s) after cleaning; train/val/test needs at least 3")
-    ordered = sorted(docs, key=lambda d: split_key(d.id))
-    n_val = max(1, round(len(docs) * val_fraction))
-    n_test = max(1, round(len(docs) * test_fraction))
-    if n_val + n_test >= len(docs):
-        raise InputError(f"the corpus has {len(docs)} documents: val_fraction={val_fraction} and "
-                         f"test_fraction={test_fraction} hold out {n_val} + {n_test}, leaving none for train")
-    val, test, train = ordered[:n_val], ordered[n_val : n_val + n_test], ordered[n_val + n_test :]
-    return {"train": sorted(train, key=lambda d: d.id), "val": sorted(val, key=lambda d: d.id),
-            "test": sorted(test, key=lambda d: d.id)}
+class MetadataTypes:
+    """One type per metadata column (ints and floats mix); Parquet cannot store `1` beside `"a"`."""
 
+    def __init__(self, columns: list[str]):
+        self.columns = columns
+        self.first: dict[str, tuple[type, str]] = {}
 
-def collect_documents(cfg: IngestConfig) -> tuple[list[Document], dict[str, int]]:
-    docs: list[Document] = []
-    seen: set[str] = set()
-    dropped = {"empty": 0, "duplicate": 0}
-    for doc in read_sources(cfg.sources, cfg.text_field, cfg.metadata_fields):
-        doc.text = normalise(doc.text)
-        if not doc.text.strip():
-            dropped["empty"] += 1
-            continue
-        digest = hashlib.sha256(doc.text.encode("utf-8")).hexdigest()
-        if cfg.dedup and digest in seen:
-            dropped["duplicate"] += 1
-            continue
-        seen.add(digest)
-        docs.append(doc)
-    if not docs:
-        raise InputError(f"the corpus is empty: sources {cfg.sources} yielded no non-empty documents")
-    return docs, dropped
-
-
-def check_metadata_types(docs: list[Document], columns: list[str]) -> None:
-    """A metadata column holds one type (ints and floats mix); Parquet cannot store `1` beside `"a"`."""
-    for column in columns:
-        first: tuple[type, str] | None = None
-        for d in docs:
-            value = d.metadata.get(column)
+    def check(self, doc: Document) -> None:
+        for column in self.columns:
+            value = doc.metadata.get(column)
             if value is None:
                 continue
             kind = float if type(value) is int else type(value)
-            if first is None:
-                first = (kind, d.id)
-            elif kind is not first[0]:
-                raise InputError(f"{d.id}: field {column!r} is {type(value).__name__} ({value!r}) but in {first[1]} "
-                                 f"it is {first[0].__name__ if first[0] is not float else 'a number'}; "
+            if column not in self.first:
+                self.first[column] = (kind, doc.id)
+            elif kind is not self.first[column][0]:
+                first_kind, first_id = self.first[column]
+                raise InputError(f"{doc.id}: field {column!r} is {type(value).__name__} ({value!r}) but in {first_id} "
+                                 f"it is {first_kind.__name__ if first_kind is not float else 'a number'}; "
                                  "a metadata field needs one type in every record")
 
 
-def _rows(docs: list[Document], columns: list[str]) -> dict[str, list]:
-    rows: dict[str, list] = {c: [] for c in ["id", "text", "source", *columns]}
-    for d in docs:
-        rows["id"].append(d.id)
-        rows["text"].append(d.text)
-        rows["source"].append(d.source)
-        for c in columns:
-            rows[c].append(d.metadata.get(c))
-    return rows
+class SplitWriter:
+    """One split's Parquet file, written a row group at a time, with its counts and digest.
+
+    The digest sums a hash of every (id, text): it names the split's content whatever the
+    order the documents arrived in.
+    """
+
+    def __init__(self, path: Path, columns: list[str]):
+        self.path, self.columns = path, ["id", "text", "source", *columns]
+        self.rows: dict[str, list] = {c: [] for c in self.columns}
+        self.pending_bytes, self.documents, self.bytes, self.sum = 0, 0, 0, 0
+        self.writer = None
+
+    def add(self, doc: Document) -> None:
+        for c, v in zip(self.columns, (doc.id, doc.text, doc.source)):
+            self.rows[c].append(v)
+        for c in self.columns[3:]:
+            self.rows[c].append(doc.metadata.get(c))
+        size = len(doc.text.encode("utf-8"))
+        self.documents += 1
+        self.bytes += size
+        self.pending_bytes += size
+        self.sum += int.from_bytes(hashlib.sha256(doc.id.encode("utf-8") + b"\0" + doc.text.encode("utf-8")).digest(), "big")
+        if self.pending_bytes >= _ROW_GROUP_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pydict(self.rows)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, table.schema)
+        try:
+            self.writer.write_table(table.cast(self.writer.schema))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+            raise InputError(f"{self.rows['id'][0]}…: a metadata column changed type within the corpus ({e})") from None
+        self.rows = {c: [] for c in self.columns}
+        self.pending_bytes = 0
+
+    def close(self) -> dict[str, Any]:
+        if self.rows["id"] or self.writer is None:
+            self.flush()
+        self.writer.close()
+        digest = hashlib.sha256((self.sum % 2**256).to_bytes(32, "big")).hexdigest()
+        return {"documents": self.documents, "bytes": self.bytes, "digest": digest}
 
 
-def split_digest(docs: list[Document]) -> str:
-    h = hashlib.sha256()
-    for d in docs:
-        h.update(d.id.encode("utf-8") + b"\0" + hashlib.sha256(d.text.encode("utf-8")).digest())
-    return h.hexdigest()
+def metadata_columns(cfg: IngestConfig) -> list[str]:
+    return sorted(set(cfg.metadata_fields) | (set(SHAKESPEARE_FIELDS) if "shakespeare" in cfg.sources else set()))
+
+
+class Progress:
+    """A log line every few seconds: documents, characters, rate."""
+
+    def __init__(self, name: str):
+        self.name, self.start, self.last, self.documents, self.chars = name, time.perf_counter(), 0.0, 0, 0
+
+    def add(self, n_chars: int) -> None:
+        self.documents += 1
+        self.chars += n_chars
+        now = time.perf_counter()
+        if now - self.last >= _PROGRESS_EVERY_S:
+            self.last = now
+            log.info("%s: %d documents, %.1fM characters read, %.1fM characters/s", self.name, self.documents,
+                     self.chars / 1e6, self.chars / 1e6 / max(now - self.start, 1e-9))
+
+
+def stream_splits(cfg: IngestConfig, tmp: Path, counts: Counter) -> dict[str, dict[str, Any]]:
+    """Read, clean, dedup and split every document into tmp/{split}.parquet; return per-split stats."""
+    reader = Reader(cfg.text_field, cfg.metadata_fields, cfg.invalid_utf8, cfg.bad_records, cfg.max_document_bytes,
+                    cfg.hf_streaming)
+    cleaner = Cleaner(cfg)
+    exact, near = ExactDedup(), NearDedup(cfg.near_dedup_threshold) if cfg.near_dedup else None
+    columns = metadata_columns(cfg)
+    types, assigner = MetadataTypes(columns), SplitAssigner(cfg.val_fraction, cfg.test_fraction)
+    writers = {s: SplitWriter(tmp / f"{s}.parquet", columns) for s in SPLITS}
+    progress = Progress("ingest")
+    for doc in reader.documents(cfg.sources):
+        progress.add(len(doc.text))
+        text = cleaner(doc.text, doc.metadata)
+        if text is None:
+            continue
+        doc.text = text
+        if cfg.dedup and exact.seen(text):
+            counts["dropped_duplicate"] += 1
+            continue
+        if near is not None and near.seen(text):
+            counts["dropped_near_duplicate"] += 1
+            continue
+        types.check(doc)
+        for split, d in assigner.assign(doc):
+            writers[split].add(d)
+    if assigner.buffer == []:
+        raise InputError(f"the corpus is empty: sources {cfg.sources} yielded no non-empty documents")
+    for split, d in assigner.finish():
+        writers[split].add(d)
+    counts.update(reader.counts)
+    counts.update(cleaner.counts)
+    for split, writer in writers.items():
+        if writer.documents == 0:
+            fix = "lower ingest.val_fraction and ingest.test_fraction" if split == "train" else \
+                f"raise ingest.{split}_fraction"
+            raise InputError(f"the {split} split is empty: no document's id hashed into it; {fix}")
+    log.info("ingest: read %d documents (%.1fM characters) in %.1fs", progress.documents, progress.chars / 1e6,
+             time.perf_counter() - progress.start)
+    return {s: w.close() for s, w in writers.items()}
 
 
 def ingest(cfg: IngestConfig, out_dir: str | Path, tracking: Tracking | None = None) -> IngestResult:
     """Read, clean and split the corpus of `cfg` into `out_dir`; log counts and the manifest."""
-    import datasets
-
-    datasets.disable_progress_bars()  # its bar per tiny Parquet write is noise; this stage logs counts
     start = time.perf_counter()
     out_dir = Path(out_dir)
+    key = fingerprint(cfg.sources, asdict(cfg), [__name__, "gptcore.data.sources", "gptcore.data.filters",
+                                                  "gptcore.data.dedup"])
+    if up_to_date(out_dir / "manifest.json", key, [f"{s}.parquet" for s in SPLITS]):
+        result = load_ingest(out_dir)
+        log.info("ingest: sources, config and code unchanged since %s was written: nothing to do", out_dir)
+        with stage_run(tracking, "ingest", tags={"gptcore.data_digest": result.digest, "gptcore.cached": True}) as run:
+            run.log_dataset(result.manifest_path, result.digest)
+        return result
     with stage_run(tracking, "ingest") as run:
         run.log_params(asdict(cfg))
-        docs, dropped = collect_documents(cfg)
-        splits = assign_splits(docs, cfg.val_fraction, cfg.test_fraction)
-        columns = sorted({k for d in docs for k in d.metadata})
-        check_metadata_types(docs, columns)
-        manifest = {"sources": cfg.sources, "columns": ["id", "text", "source", *columns],
-                    "dropped": dropped, "splits": {}}
+        counts: Counter[str] = Counter()
         with atomic_dir(out_dir) as tmp:
-            for split, split_docs in splits.items():
-                datasets.Dataset.from_dict(_rows(split_docs, columns)).to_parquet(str(tmp / f"{split}.parquet"))
-                manifest["splits"][split] = {
-                    "documents": len(split_docs),
-                    "bytes": sum(len(d.text.encode("utf-8")) for d in split_docs),
-                    "digest": split_digest(split_docs),
-                }
-            manifest["digest"] = hashlib.sha256(
-                "".join(manifest["splits"][s]["digest"] for s in SPLITS).encode()
-            ).hexdigest()
+            splits = stream_splits(cfg, tmp, counts)
+            manifest = {
+                "sources": source_digests(cfg.sources),
+                "columns": ["id", "text", "source", *metadata_columns(cfg)],
+                "dropped": {k.removeprefix("dropped_"): v for k, v in sorted(counts.items()) if k.startswith("dropped_")},
+                "counts": dict(sorted(counts.items())),
+                "splits": splits,
+                "digest": hashlib.sha256("".join(splits[s]["digest"] for s in SPLITS).encode()).hexdigest(),
+                "fingerprint": key,
+                "config": asdict(cfg),
+            }
             write_json(tmp / "manifest.json", manifest)
-        result = IngestResult(
-            out_dir=str(out_dir),
-            manifest_path=str(out_dir / "manifest.json"),
-            digest=manifest["digest"],
-            documents={s: manifest["splits"][s]["documents"] for s in SPLITS},
-            bytes={s: manifest["splits"][s]["bytes"] for s in SPLITS},
-        )
+        result = load_ingest(out_dir)
         run.set_tags({"gptcore.data_digest": result.digest})
         run.log_metrics({f"{s}_documents": n for s, n in result.documents.items()}
-                        | {f"{s}_bytes": n for s, n in result.bytes.items()}
-                        | {f"dropped_{k}": v for k, v in dropped.items()})
-        run.log_artifact(result.manifest_path)
-    log.info("ingest: %s documents (%s bytes) -> %s in %.1fs; dropped %s; digest %s",
-             result.documents, result.bytes, out_dir, time.perf_counter() - start, dropped, result.digest[:12])
+                        | {f"{s}_bytes": n for s, n in result.bytes.items()} | dict(counts))
+        run.log_dataset(result.manifest_path, result.digest)
+    log.info("ingest: %s documents (%s bytes) -> %s in %.1fs; dropped %s; digest %s", result.documents, result.bytes,
+             out_dir, time.perf_counter() - start, manifest["dropped"], result.digest[:12])
     return result
 
 

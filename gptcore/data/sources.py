@@ -1,31 +1,39 @@
 """Where documents come from: the built-in Shakespeare corpus, local files, Hugging Face datasets.
 
-Every reader yields `Document`s and raises `InputError` naming the file and line (or row) of
-anything it cannot read, so a user sees `corpus/a.jsonl:12: record has no field 'text'` rather
-than a KeyError deep inside a stage.
+Every reader streams: a file is read a line, a row group or a CSV block at a time, and a
+record longer than `max_document_bytes` is skipped (and counted) without being held whole, so
+memory stays bounded whatever the corpus size. What a reader cannot read raises `InputError`
+naming the file and line (or row), `corpus/a.jsonl:12: record has no field 'text'`, unless the
+policy says to skip such records (`bad_records: skip`) or to replace invalid UTF-8
+(`invalid_utf8: replace`); then it is counted in `Reader.counts`.
 """
 
 from __future__ import annotations
 
 import glob
+import gzip
 import importlib.resources
+import io
 import json
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from gptcore.errors import InputError
 
 log = logging.getLogger("gptcore.data")
 
-FILE_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
+FILE_SUFFIXES = (".txt", ".md", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".csv")
 GENRES = ("comedies", "histories", "problems", "roman", "romances", "tragedies")
+SHAKESPEARE_FIELDS = ("genre", "play", "scene")
 _SCHEME = re.compile(r"^([A-Za-z][\w+.-]+):")  # two letters at least: 'C:' is a drive, not a scheme
 _HEADING = re.compile(r"^(#{1,6}) ")
+_JSON_OVERHEAD = 4  # a JSONL line may spell its text with escapes: allow this many bytes per text byte
 
 
 @dataclass
@@ -36,26 +44,10 @@ class Document:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def read_sources(sources: list[str], text_field: str = "text", metadata_fields: list[str] = ()) -> Iterator[Document]:
-    for spec in sources:
-        yield from read_source(spec, text_field, list(metadata_fields))
-
-
-def read_source(spec: str, text_field: str, metadata_fields: list[str]) -> Iterator[Document]:
-    if spec == "shakespeare":
-        yield from read_shakespeare()
-        return
-    scheme = _SCHEME.match(spec)
-    if scheme and scheme.group(1) == "hf":
-        yield from read_hf_dataset(spec[3:], text_field, metadata_fields)
-        return
-    if scheme:
-        raise InputError(
-            f"source {spec!r}: unknown source kind {scheme.group(1)!r}; "
-            "use 'shakespeare', a path or glob of files, or 'hf:NAME[:CONFIG][@SPLIT]'"
-        )
-    for path in expand_paths(spec):
-        yield from read_file(path, text_field, metadata_fields, key=stable_name(path, spec))
+def file_suffix(path: Path) -> str:
+    """`.jsonl.gz` for a compressed JSONL file, else the last suffix, lower-cased."""
+    name = path.name.lower()
+    return next((s for s in FILE_SUFFIXES if s.count(".") > 1 and name.endswith(s)), path.suffix.lower())
 
 
 def expand_paths(spec: str) -> list[Path]:
@@ -67,7 +59,7 @@ def expand_paths(spec: str) -> list[Path]:
         return paths
     path = Path(spec)
     if path.is_dir():
-        paths = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
+        paths = sorted(p for p in path.rglob("*") if p.is_file() and file_suffix(p) in FILE_SUFFIXES)
         if not paths:
             raise InputError(f"source {spec!r}: the directory holds no {'/'.join(FILE_SUFFIXES)} files")
         return paths
@@ -92,96 +84,249 @@ def stable_name(path: Path, spec: str) -> str:
     return path.resolve().relative_to(root.resolve()).as_posix()
 
 
-def read_file(path: Path, text_field: str, metadata_fields: list[str], key: str | None = None) -> Iterator[Document]:
-    """Documents of one file; ids start with `key` (default: the file name)."""
-    key = key or path.name
-    suffix = path.suffix.lower()
-    if suffix in (".txt", ".md"):
-        yield Document(id=key, text=decode_utf8(path.read_bytes(), path), source=str(path))
-    elif suffix == ".jsonl":
-        yield from read_jsonl(path, text_field, metadata_fields, key)
-    elif suffix == ".parquet":
-        yield from read_parquet(path, text_field, metadata_fields, key)
-    else:
-        raise InputError(f"{path}: unsupported file type {suffix!r}; supported: {', '.join(FILE_SUFFIXES)}")
+def source_kind(spec: str) -> str:
+    """`shakespeare`, `hf` or `files`; an unknown `scheme:` is an error."""
+    if spec == "shakespeare":
+        return "shakespeare"
+    scheme = _SCHEME.match(spec)
+    if scheme and scheme.group(1) == "hf":
+        return "hf"
+    if scheme:
+        raise InputError(
+            f"source {spec!r}: unknown source kind {scheme.group(1)!r}; "
+            "use 'shakespeare', a path or glob of files, or 'hf:NAME[:CONFIG][@SPLIT]'"
+        )
+    return "files"
 
 
-def decode_utf8(data: bytes, path: Path | str) -> str:
+def open_binary(path: Path) -> BinaryIO:
+    """The file's bytes, decompressed while read for .gz and .zst."""
+    suffix = file_suffix(path)
+    if suffix.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if suffix.endswith(".zst"):
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+class Reader:
+    """Streams the documents of sources, applying the read policies and counting what they skip."""
+
+    def __init__(self, text_field: str = "text", metadata_fields: list[str] = (), invalid_utf8: str = "fail",
+                 bad_records: str = "fail", max_document_bytes: int = 16_000_000, hf_streaming: bool = True):
+        self.text_field, self.metadata_fields = text_field, list(metadata_fields)
+        self.invalid_utf8, self.bad_records = invalid_utf8, bad_records
+        self.max_document_bytes, self.hf_streaming = max_document_bytes, hf_streaming
+        self.counts: Counter[str] = Counter()
+
+    def documents(self, sources: list[str]) -> Iterator[Document]:
+        for spec in sources:
+            kind = source_kind(spec)
+            if kind == "shakespeare":
+                yield from read_shakespeare()
+            elif kind == "hf":
+                yield from self.read_hf_dataset(spec[3:])
+            else:
+                for path in expand_paths(spec):
+                    yield from self.read_file(path, key=stable_name(path, spec))
+
+    # --- policies ---------------------------------------------------------------------------
+
+    def skip(self, reason: str, where: str, problem: str) -> None:
+        """A record the policy may skip: raise, or count it under `reason`."""
+        if self.bad_records == "fail":
+            raise InputError(f"{where}: {problem}")
+        self.counts[f"skipped_{reason}"] += 1
+
+    def decode(self, data: bytes, where: str, offset: int = 0) -> str:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if self.invalid_utf8 == "fail":
+                raise InputError(f"{where}: not valid UTF-8 at byte offset {offset + e.start} ({e.reason}); "
+                                 "set ingest.invalid_utf8: replace to keep such text") from None
+            self.counts["invalid_utf8_replaced"] += 1
+            return data.decode("utf-8", errors="replace")
+
+    def too_long(self, where: str, size: int) -> None:
+        log.warning("%s: a %d-byte record exceeds max_document_bytes=%d: skipped", where, size, self.max_document_bytes)
+        self.counts["skipped_too_long"] += 1
+
+    def record(self, record: Any, where: str) -> tuple[str, dict] | None:
+        """(text, metadata) of a parsed record, or None when the policy skips it."""
+        if not isinstance(record, dict):
+            return self.skip("not_an_object", where, f"expected a JSON object, got {type(record).__name__}")
+        for name in [self.text_field, *self.metadata_fields]:
+            if name not in record:
+                return self.skip("missing_field", where, f"record has no field {name!r} (fields: {sorted(record)})")
+        text = record[self.text_field]
+        if not isinstance(text, str):
+            return self.skip("text_not_a_string", where,
+                             f"field {self.text_field!r} must be a string, got {type(text).__name__}")
+        return text, {name: record[name] for name in self.metadata_fields}
+
+    # --- files ------------------------------------------------------------------------------
+
+    def read_file(self, path: Path, key: str | None = None) -> Iterator[Document]:
+        """Documents of one file; ids start with `key` (default: the file name)."""
+        key = key or path.name
+        suffix = file_suffix(path)
+        if suffix in (".txt", ".md"):
+            yield from self.read_text_file(path, key)
+        elif suffix.startswith(".jsonl"):
+            yield from self.read_jsonl(path, key)
+        elif suffix == ".parquet":
+            yield from self.read_parquet(path, key)
+        elif suffix == ".csv":
+            yield from self.read_csv(path, key)
+        else:
+            raise InputError(f"{path}: unsupported file type {suffix!r}; supported: {', '.join(FILE_SUFFIXES)}")
+
+    def read_text_file(self, path: Path, key: str) -> Iterator[Document]:
+        size = path.stat().st_size
+        if size > self.max_document_bytes:  # one document per file: never read it whole
+            self.too_long(str(path), size)
+            return
+        data = path.read_bytes()
+        check_not_binary(data, path)
+        yield Document(id=key, text=self.decode(data, str(path)), source=str(path))
+
+    def read_jsonl(self, path: Path, key: str) -> Iterator[Document]:
+        limit = self.max_document_bytes * _JSON_OVERHEAD + 1024
+        with open_binary(path) as f:
+            offset, lineno = 0, 0
+            while raw := f.readline(limit):
+                lineno += 1
+                where, line_start = f"{path}:{lineno}", offset
+                offset += len(raw)
+                if len(raw) == limit and not raw.endswith(b"\n"):
+                    offset += skip_line(f)  # the rest of an over-long line, a buffer at a time
+                    self.too_long(where, offset - line_start)
+                    continue
+                if lineno == 1:
+                    check_not_binary(raw, path)
+                if not raw.strip():
+                    continue
+                try:
+                    parsed = json.loads(self.decode(raw, where, line_start))
+                except json.JSONDecodeError as e:
+                    self.skip("not_json", where, f"not valid JSON ({e.msg} at column {e.colno})")
+                    continue
+                if (fields := self.record(parsed, where)) is not None:
+                    yield Document(id=f"{key}:{lineno}", text=fields[0], source=str(path), metadata=fields[1])
+
+    def read_parquet(self, path: Path, key: str) -> Iterator[Document]:
+        import pyarrow.parquet as pq
+
+        try:
+            pfile = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+            raise InputError(f"{path}: not a readable Parquet file ({e})") from None
+        schema = pfile.schema_arrow
+        self.check_columns(path, schema.names)
+        kind = schema.field(self.text_field).type
+        if str(kind) not in ("string", "large_string", "string_view"):
+            raise InputError(f"{path}: column {self.text_field!r} holds {kind}, not text (a string column)")
+        row = 0
+        for batch in pfile.iter_batches(batch_size=1024, columns=[self.text_field, *self.metadata_fields]):
+            for record in batch.to_pylist():
+                where = f"{path}: row {row}"
+                text = record[self.text_field]
+                if text is not None and len(text) > self.max_document_bytes:
+                    self.too_long(where, len(text))
+                elif (fields := self.record(record if text is not None else {}, where)) is not None:
+                    yield Document(id=f"{key}:{row}", text=fields[0], source=str(path), metadata=fields[1])
+                row += 1
+
+    def read_csv(self, path: Path, key: str) -> Iterator[Document]:
+        import pyarrow as pa
+        import pyarrow.csv as pcsv
+
+        # Text read as bytes, so invalid UTF-8 is reported (or replaced) with its row, as elsewhere.
+        columns = [self.text_field, *self.metadata_fields]
+        try:
+            reader = pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=1 << 24),
+                                   convert_options=pcsv.ConvertOptions(column_types={self.text_field: pa.binary()}))
+        except pa.ArrowInvalid as e:
+            raise InputError(f"{path}: not a readable CSV file ({e})") from None
+        self.check_columns(path, reader.schema.names)
+        row = 0
+        try:
+            for batch in reader:
+                for record in batch.select(columns).to_pylist():
+                    where = f"{path}: row {row + 1}"  # row 0 is the header
+                    raw = record[self.text_field]
+                    if raw is not None and len(raw) > self.max_document_bytes:
+                        self.too_long(where, len(raw))
+                    else:
+                        record[self.text_field] = self.decode(raw, where) if raw is not None else None
+                        if (fields := self.record(record, where)) is not None:
+                            yield Document(id=f"{key}:{row}", text=fields[0], source=str(path), metadata=fields[1])
+                    row += 1
+        except pa.ArrowInvalid as e:
+            raise InputError(f"{path}: unreadable CSV after row {row} ({e})") from None
+
+    def check_columns(self, path: Path, columns: list[str]) -> None:
+        for name in [self.text_field, *self.metadata_fields]:
+            if name not in columns:
+                raise InputError(f"{path}: no column {name!r} (columns: {columns})")
+
+    # --- Hugging Face -----------------------------------------------------------------------
+
+    def read_hf_dataset(self, spec: str) -> Iterator[Document]:
+        """`NAME[:CONFIG][@SPLIT]` through `datasets.load_dataset`, streamed (hub, or the local cache offline)."""
+        import datasets
+
+        name_config, _, split = spec.partition("@")
+        name, _, config = name_config.partition(":")
+        split = split or "train"
+        try:
+            ds = datasets.load_dataset(name, config or None, split=split, streaming=self.hf_streaming)
+            rows = iter(ds)
+            first = next(rows, None)
+        except Exception as e:  # offline, unknown name, gated...: datasets raises many types
+            raise InputError(
+                f"source 'hf:{spec}': could not load Hugging Face dataset {name!r} (config {config or None!r}, "
+                f"split {split!r}): {type(e).__name__}: {e}. It needs the hub to be reachable, or the dataset "
+                "in the local cache (HF_HOME) with HF_DATASETS_OFFLINE=1."
+            ) from None
+        if first is not None and self.text_field not in first:
+            raise InputError(f"source 'hf:{spec}': no column {self.text_field!r} (columns: {sorted(first)})")
+        for row, record in enumerate(_chain(first, rows)):
+            if (fields := self.record(record, f"hf:{spec}: row {row}")) is not None:
+                yield Document(id=f"hf:{spec}:{row}", text=fields[0], source=f"hf:{spec}", metadata=fields[1])
+
+
+def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    if first is not None:
+        yield first
+        yield from rest
+
+
+def check_not_binary(data: bytes, path: Path | str) -> None:
     nul = data.find(b"\x00", 0, 8192)
     if nul >= 0:
         raise InputError(f"{path}: looks binary (NUL byte at offset {nul}), not text")
+
+
+def skip_line(f: BinaryIO, chunk: int = 1 << 20) -> int:
+    """Read past the end of the current line; return the bytes skipped."""
+    skipped = 0
+    while piece := f.readline(chunk):
+        skipped += len(piece)
+        if piece.endswith(b"\n"):
+            break
+    return skipped
+
+
+def decode_utf8(data: bytes, path: Path | str) -> str:
+    check_not_binary(data, path)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not valid UTF-8 at byte offset {e.start} ({e.reason})") from None
-
-
-def _record_fields(record: Any, where: str, text_field: str, metadata_fields: list[str]) -> tuple[str, dict]:
-    if not isinstance(record, dict):
-        raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    for name in [text_field, *metadata_fields]:
-        if name not in record:
-            raise InputError(f"{where}: record has no field {name!r} (fields: {sorted(record)})")
-    text = record[text_field]
-    if not isinstance(text, str):
-        raise InputError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
-    return text, {name: record[name] for name in metadata_fields}
-
-
-def read_jsonl(path: Path, text_field: str, metadata_fields: list[str], key: str) -> Iterator[Document]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            line = decode_utf8(raw, where).strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            text, meta = _record_fields(record, where, text_field, metadata_fields)
-            yield Document(id=f"{key}:{lineno}", text=text, source=str(path), metadata=meta)
-
-
-def read_parquet(path: Path, text_field: str, metadata_fields: list[str], key: str) -> Iterator[Document]:
-    import pyarrow.parquet as pq
-
-    try:
-        pfile = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises several types for a file that is not Parquet
-        raise InputError(f"{path}: not a readable Parquet file ({e})") from None
-    columns = pfile.schema_arrow.names
-    for name in [text_field, *metadata_fields]:
-        if name not in columns:
-            raise InputError(f"{path}: no column {name!r} (columns: {columns})")
-    row = 0
-    for batch in pfile.iter_batches(columns=[text_field, *metadata_fields]):
-        for record in batch.to_pylist():
-            text, meta = _record_fields(record, f"{path}: row {row}", text_field, metadata_fields)
-            yield Document(id=f"{key}:{row}", text=text, source=str(path), metadata=meta)
-            row += 1
-
-
-def read_hf_dataset(spec: str, text_field: str, metadata_fields: list[str]) -> Iterator[Document]:
-    """`NAME[:CONFIG][@SPLIT]` through `datasets.load_dataset` (hub, or its local cache offline)."""
-    import datasets
-
-    name_config, _, split = spec.partition("@")
-    name, _, config = name_config.partition(":")
-    split = split or "train"
-    try:
-        ds = datasets.load_dataset(name, config or None, split=split)
-    except Exception as e:  # offline, unknown name, gated...: datasets raises many types
-        raise InputError(
-            f"source 'hf:{spec}': could not load Hugging Face dataset {name!r} (config {config or None!r}, "
-            f"split {split!r}): {type(e).__name__}: {e}. It needs the hub to be reachable, or the dataset "
-            "in the local cache (HF_HOME) with HF_DATASETS_OFFLINE=1."
-        ) from None
-    if text_field not in ds.column_names:
-        raise InputError(f"source 'hf:{spec}': no column {text_field!r} (columns: {ds.column_names})")
-    for row, record in enumerate(ds):
-        text, meta = _record_fields(record, f"hf:{spec}: row {row}", text_field, metadata_fields)
-        yield Document(id=f"hf:{spec}:{row}", text=text, source=f"hf:{spec}", metadata=meta)
 
 
 def shakespeare_root() -> Path:

@@ -1,0 +1,176 @@
+"""Token shards: parallel encoding of the ingested splits into fixed-size files, and reading them back.
+
+    OUT/{split}_00000.bin, {split}_00001.bin, ...   token ids, documents each followed by
+                                                   <|endoftext|>, uint16 when the vocabulary fits
+
+Encoding runs in worker processes, one Parquet row group a task: each worker holds the
+tokenizer once, encodes single-threaded, and returns the ids as one numpy array, so every core
+encodes and the parent only writes. Results come back in order, so shards are deterministic.
+This module imports no torch: workers start fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer_path: str, eot_id: int, dtype: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread a process: the processes fill the cores
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(tokenizer_path)
+    tok.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is text, not a boundary
+    _worker.update(tok=tok, eot=eot_id, dtype=np.dtype(dtype), lengths=token_byte_lengths(tok))
+
+
+def token_byte_lengths(tok) -> np.ndarray:
+    """Bytes each token id stands for (0 for special tokens): the basis of bits per byte.
+
+    In a byte-level vocabulary each character of a token's string stands for exactly one byte.
+    """
+    lengths = np.zeros(tok.get_vocab_size(), dtype=np.int64)
+    specials = {t.content for t in tok.get_added_tokens_decoder().values()}
+    for token, idx in tok.get_vocab().items():
+        lengths[idx] = 0 if token in specials else len(token)
+    return lengths
+
+
+def encode_texts(tok, texts: list[str], eot_id: int, dtype: np.dtype, batch: int = 256) -> np.ndarray:
+    """The documents' ids, each followed by <|endoftext|>, as one array.
+
+    Encoded `batch` documents at a time: an Encoding holds strings for every token, ~100 bytes
+    a token, so only the ids outlive a batch. `encode_batch_fast` skips the character offsets
+    that nothing here reads (~20% faster than `encode_batch`, the same ids).
+    """
+    parts = []
+    for i in range(0, len(texts), batch):
+        encodings = tok.encode_batch_fast(texts[i : i + batch], add_special_tokens=False)
+        sizes = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
+        ids = np.empty(int(sizes.sum()), dtype=dtype)
+        ends = np.cumsum(sizes)
+        for enc, end, size in zip(encodings, ends, sizes):
+            ids[end - size : end - 1] = enc.ids
+        ids[ends - 1] = eot_id
+        parts.append(ids)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def _encode_row_group(task: tuple[str, int]) -> tuple[np.ndarray, int, int]:
+    """(ids, bytes, documents) of one row group of a split's Parquet file."""
+    import pyarrow.parquet as pq
+
+    path, group = task
+    texts = pq.ParquetFile(path).read_row_group(group, columns=["text"]).column("text").to_pylist()
+    ids = encode_texts(_worker["tok"], texts, _worker["eot"], _worker["dtype"])
+    return ids, int(_worker["lengths"][ids].sum()), len(texts)
+
+
+class ShardWriter:
+    """A split's tokens cut into files of `shard_tokens`, each with its count and sha256."""
+
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int, dtype: np.dtype):
+        self.out_dir, self.split, self.shard_tokens, self.dtype = out_dir, split, shard_tokens, dtype
+        self.shards: list[dict[str, Any]] = []
+        self.file, self.hash, self.filled = None, None, 0
+
+    def write(self, ids: np.ndarray) -> None:
+        while ids.size:
+            if self.file is None:
+                name = f"{self.split}_{len(self.shards):05d}.bin"
+                self.file, self.hash, self.filled = open(self.out_dir / name, "wb"), hashlib.sha256(), 0
+                self.shards.append({"file": name})
+            part, ids = ids[: self.shard_tokens - self.filled], ids[self.shard_tokens - self.filled :]
+            data = part.astype(self.dtype, copy=False).tobytes()
+            self.file.write(data)
+            self.hash.update(data)
+            self.filled += part.size
+            if self.filled == self.shard_tokens:
+                self.close_shard()
+
+    def close_shard(self) -> None:
+        self.file.close()
+        self.shards[-1].update(tokens=self.filled, sha256=self.hash.hexdigest())
+        self.file = None
+
+    def close(self) -> list[dict[str, Any]]:
+        if self.file is not None:
+            self.close_shard()
+        return self.shards
+
+
+def encode_splits(parquet: dict[str, Path], tokenizer_path: Path, eot_id: int, dtype: np.dtype, out_dir: Path,
+                  shard_tokens: int, workers: int, progress) -> dict[str, dict[str, Any]]:
+    """Encode each split's Parquet file into shards in `out_dir`; per split: tokens, bytes, documents, shards."""
+    import pyarrow.parquet as pq
+
+    tasks = [(split, (str(path), g)) for split, path in parquet.items() for g in range(pq.ParquetFile(path).num_row_groups)]
+    writers = {split: ShardWriter(out_dir, split, shard_tokens, dtype) for split in parquet}
+    stats = {split: {"tokens": 0, "bytes": 0, "documents": 0} for split in parquet}
+    for (split, _), (ids, n_bytes, n_docs) in zip(tasks, _run(tasks, tokenizer_path, eot_id, dtype, workers)):
+        writers[split].write(ids)
+        stats[split]["tokens"] += int(ids.size)
+        stats[split]["bytes"] += n_bytes
+        stats[split]["documents"] += n_docs
+        progress(n_bytes)
+    return {split: {**stats[split], "shards": writers[split].close()} for split in parquet}
+
+
+def _run(tasks: list, tokenizer_path: Path, eot_id: int, dtype: np.dtype, workers: int) -> Iterator[tuple]:
+    init = (str(tokenizer_path), eot_id, dtype.name)
+    if workers <= 1:  # in process: no start-up cost for small corpora
+        _init_worker(*init)
+        yield from map(_encode_row_group, (t for _, t in tasks))
+        return
+    # spawn, not fork: the parent may hold threads (MLflow, Prefect) and a tokenizer that used its own.
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=init) as pool:
+        yield from pool.imap(_encode_row_group, [t for _, t in tasks])
+
+
+class TokenShards:
+    """A split's shards as one read-only sequence of token ids: `len()` and slices across shards."""
+
+    def __init__(self, paths: list[Path], dtype: np.dtype):
+        self.maps = [np.memmap(p, dtype=dtype, mode="r") for p in paths if p.stat().st_size > 0]
+        self.dtype = np.dtype(dtype)
+        self.starts = np.cumsum([0] + [len(m) for m in self.maps])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            raise IndexError("TokenShards supports contiguous slices only")
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        parts = []
+        while start < stop:
+            m = self.maps[first]
+            offset = start - int(self.starts[first])
+            take = min(stop - start, len(m) - offset)
+            parts.append(m[offset : offset + take])
+            start += take
+            first += 1
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=self.dtype)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[0 : len(self)]
+        return np.asarray(whole, dtype=dtype) if dtype is not None else np.asarray(whole)
+
+    def bincount(self, minlength: int) -> np.ndarray:
+        """Occurrences of each id, a shard at a time (bounded memory)."""
+        counts = np.zeros(minlength, dtype=np.int64)
+        for m in self.maps:
+            for i in range(0, len(m), 1 << 24):
+                counts += np.bincount(m[i : i + (1 << 24)], minlength=minlength)[:minlength]
+        return counts
