@@ -5,7 +5,8 @@ Output (written to a temporary directory, then renamed into place):
     OUT/{split}_NNNNN.bin     token shards of each split (`gptcore.data.shards`), documents joined
                               by <|endoftext|>, uint16 when the vocabulary fits, else uint32
     OUT/tokens.json           dtype; per split token/byte/document counts and every shard with its
-                              token count and sha256; the tokenizer and data digests; the sample
+                              token count and sha256; the tokenizer and data digests; the sample;
+                              the source files with their sha256 (from the ingest manifest)
 
 The initial alphabet is all 256 bytes and there is no normaliser, so any UTF-8 text encodes
 and decodes back exactly. Re-running on the same ingested corpus, config and code does no work.
@@ -175,6 +176,7 @@ def train_tokenizer(
                 "vocab_size": vocab_size, "dtype": dtype.name, "eot_id": eot_id, "pad_id": tok.token_to_id(PAD),
                 "data_digest": corpus.digest, "tokenizer_digest": sha256_file(tmp / "tokenizer.json"),
                 "digest": digest.hexdigest(), "sample": sample, "workers": workers, "splits": splits,
+                "sources": read_stage_output(data_dir, "manifest.json", "ingested corpus", "ingest")["sources"],
                 "fingerprint": key})
         result = load_tokenized(out_dir)
         run.set_tags({"gptcore.tokenizer_digest": result.tokenizer_digest, "gptcore.tokens_digest": result.digest})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import subprocess
 import sys
@@ -199,6 +200,11 @@ def test_shards_are_fixed_size_and_identical_whatever_the_worker_count(corpus_di
     two = train_tokenizer(TokenizerConfig(vocab_size=300, shard_tokens=1000, workers=2), corpus_dir / "data",
                           tmp_path / "two")
     assert one.digest == two.digest and one.shards == two.shards
+    listed = json.loads((tmp_path / "one" / "tokens.json").read_text())
+    assert listed["sources"] == manifest(corpus_dir / "data")["sources"] and listed["sources"][0]["files"][0]["sha256"]
+    for shard, path in zip(listed["splits"]["train"]["shards"], one.shard_paths("train")):
+        assert shard["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert shard["tokens"] * 2 == path.stat().st_size
     assert len(one.shards["train"]) > 3
     sizes = [p.stat().st_size // 2 for p in one.shard_paths("train")]
     assert all(size == 1000 for size in sizes[:-1]) and 0 < sizes[-1] <= 1000
@@ -281,3 +287,25 @@ def test_token_shards_reject_strided_slices(tmp_path):
     (tmp_path / "a.bin").write_bytes(np.arange(5, dtype=np.uint16).tobytes())
     with pytest.raises(IndexError):
         TokenShards([tmp_path / "a.bin"], np.dtype(np.uint16))[::2]
+
+
+def test_a_hugging_face_dataset_streams_without_being_downloaded_whole(tmp_path, monkeypatch):
+    """`hf:` with a local dataset folder goes through `datasets.load_dataset(..., streaming=True)`, no hub."""
+    import datasets
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf", raising=False)
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"text": t, "n": i} for i, t in enumerate(texts(8))])
+    loaded = []
+    real_load = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    ingest(IngestConfig(sources=[f"hf:{folder}"]), tmp_path / "out")
+    assert [type(ds).__name__ for ds in loaded] == ["IterableDataset"]
+    assert sorted(r["text"] for r in all_rows(tmp_path / "out")) == sorted(texts(8))
+    assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").rglob("*.arrow"))  # nothing materialised
