@@ -26,6 +26,7 @@ from gptcore.config import ModelConfig
 from gptcore.errors import InputError
 from gptcore.fsutil import atomic_dir, read_json, write_json
 from gptcore.model import GPT, GPTClassifier
+from gptcore.peft import apply_lora, merge_lora
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 MARKER = "COMPLETE"
@@ -141,7 +142,10 @@ def load_classifier(directory: str | Path) -> tuple[GPTClassifier, dict[str, Any
     if meta.get("kind") != "classifier":
         raise InputError(f"{directory}: holds a {meta.get('kind')!r} model, not a classifier")
     model = GPTClassifier(GPT(ModelConfig(**meta["model"])), len(meta["labels"]))
-    return load_weights(model, directory).eval(), meta
+    if (lora := meta.get("lora")) is None:
+        return load_weights(model, directory).eval(), meta
+    apply_lora(model, lora["targets"], lora["rank"], lora["alpha"])  # the weights as trained, then merged
+    return merge_lora(load_weights(model, directory)).eval(), meta
 
 
 def load_lm(directory: str | Path) -> tuple[GPT, dict[str, Any]]:

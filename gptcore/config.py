@@ -224,11 +224,29 @@ class FinetuneConfig(TrainConfig):
     """Documents are cut into passages of this many tokens (at most the model's block_size)."""
     patience: int = 3
     """Stop after this many evaluations without a better validation macro-F1."""
+    method: str = "full"
+    """`full` trains every weight; `lora` freezes the GPT and trains low-rank updates of the
+    `lora_targets` layers plus the head (merged into the weights at the end: export is unchanged)."""
+    lora_rank: int = 8
+    """Rank r of each LoRA update B A."""
+    lora_alpha: float = 16.0
+    """The update is scaled by lora_alpha / lora_rank."""
+    lora_dropout: float = 0.0
+    """Dropout on the input of the LoRA branch."""
+    lora_targets: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.proj", "wte"])
+    """Layers that get LoRA, by name suffix: attn.qkv, attn.proj, mlp.fc, mlp.proj, and wte (the
+    token embedding: without it the words' meaning cannot move, and genre hangs on names).
+    LoRA trains best at a higher lr than full fine-tuning (bench/peft.py uses 3x)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(bool(self.label_field), "label_field", "must not be empty")
-        _positive(self, "passage_tokens", "patience")
+        _positive(self, "passage_tokens", "patience", "lora_rank", "lora_alpha")
+        _check(self.method in ("full", "lora"), "method", f"must be full or lora, got {self.method!r}")
+        _check(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        known = {"attn.qkv", "attn.proj", "mlp.fc", "mlp.proj", "wte"}
+        _check(bool(self.lora_targets) and set(self.lora_targets) <= known, "lora_targets",
+               f"must be a non-empty subset of {sorted(known)}, got {self.lora_targets}")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from gptcore.config import EvalConfig
 from gptcore.errors import InputError
 from gptcore.finetune import load_finetuned, make_passages, predict
 from gptcore.fsutil import atomic_file, read_stage_output, write_json
-from gptcore.metrics import bits_per_byte, classification_report, majority_baseline, unigram_nats
+from gptcore.metrics import bits_per_byte, bootstrap_intervals, classification_report, majority_baseline, unigram_nats
 from gptcore.model import GPT
 from gptcore.pretrain import load_pretrained
 from gptcore.tokenizer import PAD, load_tokenized, load_tokenizer, read_tokens, token_byte_lengths
@@ -135,6 +135,10 @@ def plot_confusion(report: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def interval(bounds: list[float]) -> str:
+    return f"[95% CI {bounds[0]:.4f}, {bounds[1]:.4f}]"
+
+
 @dataclass
 class ClassifierEvalResult:
     metrics_path: str
@@ -155,21 +159,25 @@ def evaluate_classifier(
     labels, field, length = meta["labels"], meta["label_field"], meta["passage_tokens"]
     train, _ = make_passages(data_dir, "train", field, tok, length, labels)
     test, _ = make_passages(data_dir, "test", field, tok, length, labels)
-    report = classification_report(test.labels, predict(model, test, tok.token_to_id(PAD), batch_size), labels)
+    probs = predict(model, test, tok.token_to_id(PAD), batch_size)
+    report = classification_report(test.labels, probs, labels) | {"ci": bootstrap_intervals(test.labels, probs, labels)}
     baseline = majority_baseline(train.labels, test.labels, labels)
     out_dir = Path(out_dir)
     result = ClassifierEvalResult(str(out_dir / "classifier_eval.json"), str(out_dir / "confusion_matrix.png"),
                                   report, baseline)
     write_json(result.metrics_path, asdict(result))
     plot_confusion(report, Path(result.confusion_path), f"test: accuracy {report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f}")
-    log.info("evaluate: classifier test accuracy %.4f macro-F1 %.4f over %d passages (majority '%s': %.4f / %.4f)",
-             report["accuracy"], report["macro_f1"], len(test), baseline["majority_class"], baseline["accuracy"],
-             baseline["macro_f1"])
+    log.info("evaluate: classifier test accuracy %.4f %s, macro-F1 %.4f %s, ECE %.4f over %d passages "
+             "(majority '%s': %.4f / %.4f)", report["accuracy"], interval(report["ci"]["accuracy"]), report["macro_f1"],
+             interval(report["ci"]["macro_f1"]), report["ece"], len(test), baseline["majority_class"],
+             baseline["accuracy"], baseline["macro_f1"])
     with stage_run(tracking, "evaluate_classifier", tags={"gptcore.data_digest": meta["data_digest"]}) as run:
-        metrics = {"test_accuracy": report["accuracy"], "test_macro_f1": report["macro_f1"],
+        metrics = {"test_accuracy": report["accuracy"], "test_macro_f1": report["macro_f1"], "test_ece": report["ece"],
                    "majority_test_accuracy": baseline["accuracy"], "majority_test_macro_f1": baseline["macro_f1"]}
+        for name in ("accuracy", "macro_f1", "ece"):
+            metrics |= dict(zip((f"test_{name}_ci_low", f"test_{name}_ci_high"), report["ci"][name]))
         for label, per in report["per_class"].items():
-            metrics |= {f"test_precision_{label}": per["precision"], f"test_recall_{label}": per["recall"]}
+            metrics |= {f"test_{m}_{label}": per[m] for m in ("precision", "recall", "f1")}
         run.log_metrics(metrics)
         run.log_artifact(result.metrics_path)
         run.log_artifact(result.confusion_path)

@@ -26,6 +26,7 @@ from gptcore.errors import InputError
 from gptcore.fsutil import read_stage_output, write_json
 from gptcore.metrics import classification_report
 from gptcore.model import GPTClassifier
+from gptcore.peft import apply_lora, trainable_fraction
 from gptcore.pretrain import load_pretrained
 from gptcore.tokenizer import PAD, load_tokenizer
 from gptcore.tracking import Tracking, stage_run
@@ -172,6 +173,12 @@ def finetune(
     model = GPTClassifier(gpt, len(labels))
     meta = {**lm_meta, "kind": "classifier", "labels": labels, "label_field": cfg.label_field,
             "passage_tokens": cfg.passage_tokens}
+    if cfg.method == "lora":
+        meta["lora"] = {"targets": cfg.lora_targets, "rank": cfg.lora_rank, "alpha": cfg.lora_alpha}
+        wrapped = apply_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, trainable=("head",))
+        log.info("finetune: LoRA r=%d on %d layers", cfg.lora_rank, wrapped)
+    meta["trainable_fraction"] = trainable_fraction(model)
+    log.info("finetune: %s fine-tuning trains %.2f%% of the parameters", cfg.method, 100 * meta["trainable_fraction"])
     val_eval = val.spread(cfg.eval_batches * cfg.batch_size)
 
     def evaluate(m: GPTClassifier) -> dict[str, float]:
@@ -182,6 +189,7 @@ def finetune(
     with stage_run(tracking, "finetune", tags=tags) as run:
         run.log_dataset(Path(data_dir) / "manifest.json", pretrained.data_digest)
         run.log_params({"finetune": asdict(cfg), "labels": labels, "train_passages": len(train), "val_passages": len(val)})
+        run.log_metrics({"trainable_fraction": meta["trainable_fraction"]})
         counts = np.bincount(train.labels, minlength=len(labels))
         log.info("finetune: %d train / %d val passages of <= %d tokens; classes %s",
                  len(train), len(val), cfg.passage_tokens, dict(zip(labels, counts.tolist())))

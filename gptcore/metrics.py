@@ -1,6 +1,8 @@
-"""Metrics in plain numpy (no torch): classification reports and bits per byte.
+"""Metrics in plain numpy (no torch): classification reports with bootstrap intervals, and bits per byte.
 
-Bits per byte divides the summed negative log-likelihood (nats) by ln 2 and by the UTF-8 bytes
+Confidence intervals are percentile bootstrap intervals: the test examples are resampled with
+replacement and every statistic is recomputed from each resample's confusion matrix, all
+resamples at once. Bits per byte divides the summed negative log-likelihood (nats) by ln 2 and by the UTF-8 bytes
 the predicted tokens stand for, so models with different tokenizers compare on one scale.
 """
 
@@ -19,30 +21,80 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
 
 
 def classification_report(y_true: np.ndarray, probs: np.ndarray, labels: list[str]) -> dict:
-    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix.
+    """Accuracy, macro-F1, expected calibration error, per-class precision/recall/F1/support, confusion matrix.
 
     `probs` is (N, K); a class never predicted has precision 0, a class absent from `y_true`
     is left out of the macro average (it has no recall to speak of).
     """
     y_true = np.asarray(y_true)
-    y_pred = np.asarray(probs).argmax(axis=1)
-    cm = confusion_matrix(y_true, y_pred, len(labels))
-    tp = np.diag(cm).astype(np.float64)
-    predicted, support = cm.sum(axis=0), cm.sum(axis=1)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=(precision + recall) > 0)
-    present = support > 0
+    cm = confusion_matrix(y_true, np.asarray(probs).argmax(axis=1), len(labels))
+    stats = class_stats(cm)
     return {
-        "accuracy": float(tp.sum() / max(len(y_true), 1)),
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "accuracy": float(stats["accuracy"]),
+        "macro_f1": float(stats["macro_f1"]),
+        "ece": expected_calibration_error(y_true, probs) if len(y_true) else 0.0,
         "per_class": {
-            label: {"precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]),
-                    "support": int(support[k])}
+            label: {"precision": float(stats["precision"][k]), "recall": float(stats["recall"][k]),
+                    "f1": float(stats["f1"][k]), "support": int(cm[k].sum())}
             for k, label in enumerate(labels)
         },
         "confusion_matrix": cm.tolist(),
         "labels": list(labels),
+    }
+
+
+def class_stats(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """Accuracy, macro-F1 and per-class precision/recall/F1 of confusion matrices (..., K, K)."""
+    tp = np.diagonal(cm, axis1=-2, axis2=-1).astype(np.float64)
+    predicted, support = cm.sum(axis=-2), cm.sum(axis=-1)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=(precision + recall) > 0)
+    present = support > 0
+    macro_f1 = np.divide((f1 * present).sum(-1), present.sum(-1), out=np.zeros(tp.shape[:-1]), where=present.any(-1))
+    return {"accuracy": tp.sum(-1) / np.maximum(cm.sum((-2, -1)), 1), "macro_f1": macro_f1,
+            "precision": precision, "recall": recall, "f1": f1}
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
+    """|accuracy - confidence| per equal-width confidence bin, averaged with the bins' weights."""
+    return float(_ece(np.asarray(y_true)[None], np.asarray(probs).max(1)[None],
+                      np.asarray(probs).argmax(1)[None], bins)[0])
+
+
+def _ece(y_true: np.ndarray, confidence: np.ndarray, y_pred: np.ndarray, bins: int) -> np.ndarray:
+    """ECE of each row of (B, N) arrays."""
+    b, n = y_true.shape
+    which = np.minimum((confidence * bins).astype(np.int64), bins - 1) + bins * np.arange(b)[:, None]
+    count = np.bincount(which.ravel(), minlength=b * bins).reshape(b, bins)
+    correct = np.bincount(which.ravel(), (y_true == y_pred).ravel(), b * bins).reshape(b, bins)
+    confident = np.bincount(which.ravel(), confidence.ravel(), b * bins).reshape(b, bins)
+    return np.abs(correct - confident).sum(1) / n
+
+
+def bootstrap_intervals(y_true: np.ndarray, probs: np.ndarray, labels: list[str], resamples: int = 1000,
+                        seed: int = 0, level: float = 0.95, bins: int = 15) -> dict:
+    """Percentile intervals [low, high] of accuracy, macro-F1, ECE and per-class precision/recall/F1."""
+    y_true, probs = np.asarray(y_true), np.asarray(probs)
+    k, n = len(labels), len(y_true)
+    y_pred, confidence = probs.argmax(1), probs.max(1)
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[np.ndarray]] = {}
+    for start in range(0, resamples, 200):  # 200 resamples at a time bound the memory
+        b = min(200, resamples - start)
+        idx = rng.integers(0, n, size=(b, n))
+        cells = (y_true[idx] * k + y_pred[idx]) + (k * k) * np.arange(b)[:, None]
+        cm = np.bincount(cells.ravel(), minlength=b * k * k).reshape(b, k, k)
+        stats = class_stats(cm) | {"ece": _ece(y_true[idx], confidence[idx], y_pred[idx], bins)}
+        for name, values in stats.items():
+            draws.setdefault(name, []).append(values)
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    bounds = {name: np.percentile(np.concatenate(v), q, axis=0) for name, v in draws.items()}
+    return {
+        **{name: bounds[name].tolist() for name in ("accuracy", "macro_f1", "ece")},
+        "per_class": {label: {m: bounds[m][:, j].tolist() for m in ("precision", "recall", "f1")}
+                      for j, label in enumerate(labels)},
+        "level": level, "resamples": resamples,
     }
 
 

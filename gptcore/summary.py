@@ -17,6 +17,8 @@ def pipeline_summary(*, workdir: Path, settings: TrackingSettings, seconds: floa
         "lm_test_perplexity": lm_eval.test["perplexity"],
         "classifier_test_accuracy": cls_eval.test["accuracy"],
         "classifier_test_macro_f1": cls_eval.test["macro_f1"],
+        "classifier_test_macro_f1_ci": cls_eval.test["ci"]["macro_f1"],
+        "classifier_test_ece": cls_eval.test["ece"],
         "majority_test_accuracy": majority["accuracy"],
         "majority_test_macro_f1": majority["macro_f1"],
         "lm_parity_max_abs_logit_diff": lm_pkg.parity["max_abs_logit_diff"],
@@ -38,8 +40,10 @@ def pipeline_summary(*, workdir: Path, settings: TrackingSettings, seconds: floa
         ("LM test bits/byte", f"{headline['lm_test_bpb']:.4f} (unigram baseline {headline['lm_unigram_test_bpb']:.4f})"),
         ("classifier test accuracy", f"{headline['classifier_test_accuracy']:.4f} "
                                      f"(majority '{majority['majority_class']}' {headline['majority_test_accuracy']:.4f})"),
-        ("classifier test macro-F1", f"{headline['classifier_test_macro_f1']:.4f} "
-                                     f"(majority {headline['majority_test_macro_f1']:.4f})"),
+        ("classifier test macro-F1", f"{headline['classifier_test_macro_f1']:.4f} (95% CI "
+                                     f"{headline['classifier_test_macro_f1_ci'][0]:.4f}-"
+                                     f"{headline['classifier_test_macro_f1_ci'][1]:.4f}; majority "
+                                     f"{headline['majority_test_macro_f1']:.4f}); ECE {headline['classifier_test_ece']:.4f}"),
         ("ONNX parity", f"LM max |dlogit| {headline['lm_parity_max_abs_logit_diff']:.1e}, greedy "
                         f"{headline['lm_parity_greedy_tokens_equal']}/{lm_pkg.parity['greedy_tokens']} equal; classifier "
                         f"max |dlogit| {headline['classifier_parity_max_abs_logit_diff']:.1e}"),

@@ -54,3 +54,7 @@ def test_finetune_beats_majority_and_early_stopping_keeps_best(small_corpus, pre
     assert report.test["macro_f1"] > report.majority["macro_f1"]
     assert report.test["accuracy"] > report.majority["accuracy"]
     assert (tmp_path / "eval" / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    ci = report.test["ci"]
+    for name in ("accuracy", "macro_f1", "ece"):
+        assert ci[name][0] <= report.test[name] <= ci[name][1]
+    assert 0 <= ci["macro_f1"][0] and ci["macro_f1"][1] <= 1 and set(ci["per_class"]) == set(report.test["per_class"])

@@ -3,7 +3,16 @@ import math
 import numpy as np
 import pytest
 
-from gptcore.metrics import bits_per_byte, classification_report, confusion_matrix, majority_baseline, unigram_nats
+from gptcore.metrics import (
+    class_stats,
+    bits_per_byte,
+    bootstrap_intervals,
+    classification_report,
+    confusion_matrix,
+    expected_calibration_error,
+    majority_baseline,
+    unigram_nats,
+)
 
 
 def one_hot(pred, k):
@@ -46,3 +55,51 @@ def test_bits_per_byte_and_unigram():
     # uniform counts over 4 ids (after add-one smoothing of equal counts): 2 bits per token
     nats = unigram_nats(np.array([1, 1, 1, 1]), np.array([0, 1]))
     assert nats == pytest.approx(2 * math.log(4))
+
+
+def test_expected_calibration_error_is_the_gap_between_confidence_and_accuracy():
+    y_true = np.array([0] * 10)
+    confident = np.tile([0.9, 0.1], (10, 1))
+    assert expected_calibration_error(y_true, confident) == pytest.approx(0.1)  # 90% sure, always right
+    half_wrong = np.array([0] * 5 + [1] * 5)
+    assert expected_calibration_error(half_wrong, confident) == pytest.approx(0.4)
+    calibrated = np.array([0] * 9 + [1])
+    assert expected_calibration_error(calibrated, confident) == pytest.approx(0.0, abs=1e-12)
+    assert classification_report(half_wrong, confident, ["a", "b"])["ece"] == pytest.approx(0.4)
+
+
+def test_batched_class_stats_equal_the_report_of_each_confusion_matrix():
+    rng = np.random.default_rng(1)
+    y_true, y_pred = rng.integers(0, 4, size=(6, 50)), rng.integers(0, 3, size=(6, 50))  # class 3 never predicted
+    cms = np.stack([confusion_matrix(t, p, 4) for t, p in zip(y_true, y_pred)])
+    batched = class_stats(cms)
+    for i in range(6):
+        report = classification_report(y_true[i], one_hot(y_pred[i], 4), list("abcd"))
+        assert batched["accuracy"][i] == pytest.approx(report["accuracy"])
+        assert batched["macro_f1"][i] == pytest.approx(report["macro_f1"])
+        assert batched["f1"][i].tolist() == pytest.approx([report["per_class"][c]["f1"] for c in "abcd"])
+
+
+def test_bootstrap_intervals_hold_the_estimate_narrow_with_more_data_and_repeat_by_seed():
+    rng = np.random.default_rng(0)
+
+    def noisy(n):
+        y_true = rng.integers(0, 3, size=n)
+        y_pred = np.where(rng.random(n) < 0.7, y_true, rng.integers(0, 3, size=n))
+        probs = np.full((n, 3), 0.1)
+        probs[np.arange(n), y_pred] = 0.8
+        return y_true, probs
+
+    small, large = noisy(200), noisy(3200)
+    ci_small, ci_large = (bootstrap_intervals(*data, ["a", "b", "c"], resamples=500) for data in (small, large))
+    for data, ci in ((small, ci_small), (large, ci_large)):
+        report = classification_report(*data, ["a", "b", "c"])
+        for name in ("accuracy", "macro_f1", "ece"):
+            assert ci[name][0] <= report[name] <= ci[name][1], name
+        for c in "abc":
+            low, high = ci["per_class"][c]["recall"]
+            assert 0 <= low <= report["per_class"][c]["recall"] <= high <= 1
+    width = lambda ci: ci["macro_f1"][1] - ci["macro_f1"][0]  # noqa: E731
+    assert 0.15 < width(ci_large) / width(ci_small) < 0.4  # ~1/sqrt(16)
+    assert bootstrap_intervals(*small, ["a", "b", "c"], resamples=500) == ci_small
+    assert bootstrap_intervals(*small, ["a", "b", "c"], resamples=500, seed=1) != ci_small
