@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptcore.config import PRESETS  # noqa: E402
+from gptcore.presets import PRESETS  # noqa: E402
 from gptcore.data.ingest import ingest  # noqa: E402
 from gptcore.evaluate import evaluate_classifier  # noqa: E402
 from gptcore.export import export_classifier_onnx  # noqa: E402

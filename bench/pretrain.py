@@ -23,7 +23,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptcore.config import PRESETS, ModelConfig  # noqa: E402
+from gptcore.config import ModelConfig  # noqa: E402
+from gptcore.presets import PRESETS  # noqa: E402
 from gptcore.model import GPT  # noqa: E402
 from gptcore.perf import peak_flops, peak_memory_bytes  # noqa: E402
 from gptcore.train import autocast, configure_optimizers, enable_tf32  # noqa: E402

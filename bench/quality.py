@@ -21,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptcore.config import PRESETS, EvalConfig, ModelConfig, TrainConfig  # noqa: E402
+from gptcore.config import EvalConfig, ModelConfig, TrainConfig  # noqa: E402
+from gptcore.presets import PRESETS  # noqa: E402
 from gptcore.data.ingest import ingest  # noqa: E402
 from gptcore.evaluate import evaluate_lm  # noqa: E402
 from gptcore.pretrain import pretrain  # noqa: E402

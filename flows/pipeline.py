@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from gptcore.config import load_config
+from gptcore.presets import load_config
 from gptcore.data.ingest import ingest
 from gptcore.evaluate import evaluate_classifier, evaluate_lm
 from gptcore.export import export_classifier_onnx, export_lm_onnx

@@ -17,7 +17,8 @@ import os
 import sys
 from collections.abc import Callable
 
-from gptcore.config import PRESETS, PipelineConfig, load_config
+from gptcore.config import PipelineConfig
+from gptcore.presets import PRESETS, load_config
 from gptcore.errors import GptcoreError
 from gptcore.layout import Workdir
 from gptcore.tracking import Tracking, load_settings

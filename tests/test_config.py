@@ -1,16 +1,14 @@
 import pytest
 
 from gptcore.config import (
-    PRESETS,
     FinetuneConfig,
     IngestConfig,
     ModelConfig,
     PipelineConfig,
     TokenizerConfig,
     TrainConfig,
-    load_config,
-    merge,
 )
+from gptcore.presets import PRESETS, load_config, merge
 from gptcore.errors import ConfigError
 
 
