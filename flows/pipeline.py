@@ -97,8 +97,9 @@ def _pipeline(preset: str, config_path: str | None, workdir: str, mlflow_config:
         cls_eval = evaluate_classifier_task(w.finetune, w.data, w.tokenizer, w.eval, t)
         lm_pkg = export_lm_task(cfg.export, w.pretrain, w.tokenizer, w.export_lm, t)
         cls_pkg = export_classifier_task(cfg.export, w.finetune, w.data, w.tokenizer, w.export_classifier, t)
-        lm_reg = register_task(w.export_lm, lm_eval.metrics_path, cfg.registry.lm_name, t, cfg.to_dict())
-        cls_reg = register_task(w.export_classifier, cls_eval.metrics_path, cfg.registry.classifier_name, t, cfg.to_dict())
+        lm_reg = register_task(w.export_lm, lm_eval.metrics_path, cfg.registry.lm_name, t, cfg.to_dict(), cfg.registry)
+        cls_reg = register_task(w.export_classifier, cls_eval.metrics_path, cfg.registry.classifier_name, t, cfg.to_dict(),
+                                cfg.registry)
         scores = score_task(cls_reg.champion_uri, data.split_path("test"), w.scores / "test_scores.parquet", "text", t)
         summary = pipeline_summary(
             workdir=w.root, settings=settings, seconds=time.perf_counter() - start, data=data, tokens=tokens,

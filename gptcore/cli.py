@@ -99,10 +99,11 @@ def cmd_register(args, cfg: PipelineConfig) -> None:
     w = Workdir(args.workdir)
     settings = load_settings(args.workdir, args.mlflow_config)
     if args.only in (None, "lm"):
-        _print(register(w.export_lm, w.eval / "lm_eval.json", cfg.registry.lm_name, Tracking(settings), cfg.to_dict()))
+        _print(register(w.export_lm, w.eval / "lm_eval.json", cfg.registry.lm_name, Tracking(settings), cfg.to_dict(),
+                        cfg.registry))
     if args.only in (None, "classifier"):
         _print(register(w.export_classifier, w.eval / "classifier_eval.json", cfg.registry.classifier_name,
-                        Tracking(settings), cfg.to_dict()))
+                        Tracking(settings), cfg.to_dict(), cfg.registry))
 
 
 def cmd_generate(args, cfg: PipelineConfig) -> None:

@@ -282,9 +282,19 @@ class RegistryConfig:
     """Registered model name of the language model."""
     classifier_name: str = "gptcore-classifier"
     """Registered model name of the classifier."""
+    min_improvement: float = 0.0
+    """A classifier is promoted only when the 95% interval of its macro-F1 gain over the
+    champion (paired bootstrap on the same test examples) lies entirely above this."""
+    guard_tolerance: float = 0.02
+    """...and its accuracy drops by no more than this, and its calibration error rises by no more."""
+    bootstrap_resamples: int = 1000
+    """Resamples of the paired bootstrap."""
 
     def __post_init__(self) -> None:
         _check(bool(self.lm_name) and bool(self.classifier_name), "lm_name/classifier_name", "must not be empty")
+        _check(self.min_improvement >= 0, "min_improvement", f"must be >= 0, got {self.min_improvement}")
+        _check(self.guard_tolerance >= 0, "guard_tolerance", f"must be >= 0, got {self.guard_tolerance}")
+        _check(self.bootstrap_resamples >= 100, "bootstrap_resamples", f"must be >= 100, got {self.bootstrap_resamples}")
 
 
 @dataclass

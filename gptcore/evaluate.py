@@ -6,6 +6,7 @@ Output: OUT/lm_eval.json + OUT/samples.txt, and OUT/classifier_eval.json + OUT/c
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -135,6 +136,22 @@ def plot_confusion(report: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+PREDICTIONS_FILE = "classifier_predictions.npz"
+
+
+def save_predictions(path: Path, examples, probs: np.ndarray) -> dict:
+    """Every test example's label and class probabilities (npz, read back without pickle), and
+    a digest of the examples (document ids, token ids, labels): the promotion gate pairs two
+    versions' predictions only when their digests agree."""
+    h = hashlib.sha256()
+    for doc_id, ids, label in zip(examples.doc_ids, examples.ids, examples.labels):
+        h.update(f"{doc_id}\0{label}\0".encode() + np.asarray(ids, dtype=np.int64).tobytes())
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, labels=np.asarray(examples.labels, dtype=np.int64), probs=np.asarray(probs, dtype=np.float64))
+    return {"file": path.name, "examples": len(examples.labels), "examples_digest": h.hexdigest()}
+
+
 def interval(bounds: list[float]) -> str:
     return f"[95% CI {bounds[0]:.4f}, {bounds[1]:.4f}]"
 
@@ -161,8 +178,9 @@ def evaluate_classifier(
     test, _ = make_passages(data_dir, "test", field, tok, length, labels)
     probs = predict(model, test, tok.token_to_id(PAD), batch_size)
     report = classification_report(test.labels, probs, labels) | {"ci": bootstrap_intervals(test.labels, probs, labels)}
-    baseline = majority_baseline(train.labels, test.labels, labels)
     out_dir = Path(out_dir)
+    report["predictions"] = save_predictions(out_dir / PREDICTIONS_FILE, test, probs)
+    baseline = majority_baseline(train.labels, test.labels, labels)
     result = ClassifierEvalResult(str(out_dir / "classifier_eval.json"), str(out_dir / "confusion_matrix.png"),
                                   report, baseline)
     write_json(result.metrics_path, asdict(result))
@@ -181,6 +199,7 @@ def evaluate_classifier(
         run.log_metrics(metrics)
         run.log_artifact(result.metrics_path)
         run.log_artifact(result.confusion_path)
+        run.log_artifact(str(out_dir / PREDICTIONS_FILE))
     return result
 
 

@@ -72,21 +72,29 @@ def _ece(y_true: np.ndarray, confidence: np.ndarray, y_pred: np.ndarray, bins: i
     return np.abs(correct - confident).sum(1) / n
 
 
+def _resampled(y_true: np.ndarray, probs: np.ndarray, idx: np.ndarray, k: int, bins: int) -> dict[str, np.ndarray]:
+    """Every statistic of `class_stats` plus ECE, for each row of resample indices idx (B, N)."""
+    y_pred, confidence = probs.argmax(1), probs.max(1)
+    b = idx.shape[0]
+    cells = (y_true[idx] * k + y_pred[idx]) + (k * k) * np.arange(b)[:, None]
+    cm = np.bincount(cells.ravel(), minlength=b * k * k).reshape(b, k, k)
+    return class_stats(cm) | {"ece": _ece(y_true[idx], confidence[idx], y_pred[idx], bins)}
+
+
+def _resamples(n: int, resamples: int, seed: int):
+    """Resample indices (B, N), 200 resamples at a time to bound the memory."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, resamples, 200):
+        yield rng.integers(0, n, size=(min(200, resamples - start), n))
+
+
 def bootstrap_intervals(y_true: np.ndarray, probs: np.ndarray, labels: list[str], resamples: int = 1000,
                         seed: int = 0, level: float = 0.95, bins: int = 15) -> dict:
     """Percentile intervals [low, high] of accuracy, macro-F1, ECE and per-class precision/recall/F1."""
     y_true, probs = np.asarray(y_true), np.asarray(probs)
-    k, n = len(labels), len(y_true)
-    y_pred, confidence = probs.argmax(1), probs.max(1)
-    rng = np.random.default_rng(seed)
     draws: dict[str, list[np.ndarray]] = {}
-    for start in range(0, resamples, 200):  # 200 resamples at a time bound the memory
-        b = min(200, resamples - start)
-        idx = rng.integers(0, n, size=(b, n))
-        cells = (y_true[idx] * k + y_pred[idx]) + (k * k) * np.arange(b)[:, None]
-        cm = np.bincount(cells.ravel(), minlength=b * k * k).reshape(b, k, k)
-        stats = class_stats(cm) | {"ece": _ece(y_true[idx], confidence[idx], y_pred[idx], bins)}
-        for name, values in stats.items():
+    for idx in _resamples(len(y_true), resamples, seed):
+        for name, values in _resampled(y_true, probs, idx, len(labels), bins).items():
             draws.setdefault(name, []).append(values)
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     bounds = {name: np.percentile(np.concatenate(v), q, axis=0) for name, v in draws.items()}
@@ -96,6 +104,27 @@ def bootstrap_intervals(y_true: np.ndarray, probs: np.ndarray, labels: list[str]
                       for j, label in enumerate(labels)},
         "level": level, "resamples": resamples,
     }
+
+
+def paired_bootstrap(y_true: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, num_classes: int,
+                     resamples: int = 1000, seed: int = 0, level: float = 0.95, bins: int = 15) -> dict:
+    """b minus a on the same examples: per metric (accuracy, macro_f1, ece) the difference and its interval.
+
+    Both models are scored on the same resample each time, so what the examples have in common
+    cancels and only the models' difference is left to vary.
+    """
+    y_true, probs_a, probs_b = np.asarray(y_true), np.asarray(probs_a), np.asarray(probs_b)
+    whole = np.arange(len(y_true))[None]  # the examples as they are: one "resample" of all of them
+    a, b = (_resampled(y_true, probs, whole, num_classes, bins) for probs in (probs_a, probs_b))
+    point = {m: float(b[m][0] - a[m][0]) for m in ("accuracy", "macro_f1", "ece")}
+    deltas: dict[str, list[np.ndarray]] = {m: [] for m in point}
+    for idx in _resamples(len(y_true), resamples, seed):
+        a = _resampled(y_true, probs_a, idx, num_classes, bins)
+        b = _resampled(y_true, probs_b, idx, num_classes, bins)
+        for m in deltas:
+            deltas[m].append(b[m] - a[m])
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    return {m: {"delta": point[m], "ci": np.percentile(np.concatenate(d), q).tolist()} for m, d in deltas.items()}
 
 
 def majority_baseline(train_labels: np.ndarray, y_true: np.ndarray, labels: list[str]) -> dict:

@@ -2,22 +2,27 @@
 
 Each registered version is a self-contained model package (ONNX graph, tokenizer, description)
 logged as artifacts of a `register_*` run, tagged with the data digest, tokenizer digest, git
-commit and config. A new version gets the alias `challenger`; it takes `champion` only when it
-beats the current champion on the stage's metric (test bits per byte for the LM, lower is
-better; test macro-F1 for the classifier, higher is better). The first version is champion.
+commit and config. A new version gets the alias `challenger`; the first version is champion.
+A classifier takes `champion` through the paired-bootstrap gate (`gptcore.promotion`) on the
+test examples both versions were evaluated on; the LM (and a classifier whose champion kept no
+predictions) when it beats the champion's stored test metric (bits per byte, lower is better;
+macro-F1, higher). The decision and its figures are tags on both versions.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gptcore.config import RegistryConfig
 from gptcore.errors import ConfigError
 from gptcore.evaluate import read_eval
 from gptcore.export import load_export
+from gptcore.promotion import GateDecision, classifier_gate
 from gptcore.tracking import Tracking, source_tags, stage_run
 
 log = logging.getLogger("gptcore.registry")
@@ -60,27 +65,75 @@ def current_champion(client, name: str):
         return None
 
 
+def champion_predictions(tracking: Tracking, champion, out_dir: Path) -> Path | None:
+    """The champion's test predictions, downloaded from its registration run (None if it has none)."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    artifact = champion.tags.get("gptcore.predictions_artifact")
+    if artifact is None:
+        return None
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=champion.run_id, artifact_path=artifact,
+                                                        dst_path=str(out_dir),
+                                                        tracking_uri=tracking.settings.tracking_uri))
+    except (MlflowException, OSError):
+        return None
+
+
+def decide(tracking: Tracking, champion, metric: str, value: float, direction: str, predictions: Path | None,
+           examples_digest: str | None, gate: RegistryConfig) -> GateDecision:
+    """Promote or not: the paired gate where both versions have predictions, else the stored metric."""
+    if champion is None:
+        return GateDecision(True, "first version")
+    champion_digest = champion.tags.get("gptcore.test_examples_digest")
+    if predictions is not None and champion_digest is not None:
+        if champion_digest != examples_digest:
+            return GateDecision(False, f"champion v{champion.version} was evaluated on other test examples "
+                                       f"({champion_digest[:12]} vs {examples_digest[:12]}): not comparable")
+        with tempfile.TemporaryDirectory() as tmp:
+            theirs = champion_predictions(tracking, champion, Path(tmp))
+            if theirs is not None:
+                decision = classifier_gate(theirs, predictions, gate)
+                decision.reason = f"against champion v{champion.version}: {decision.reason}"
+                return decision
+    incumbent = champion.tags.get(f"gptcore.metric.{metric}")
+    incumbent = None if incumbent is None else float(incumbent)
+    promoted = beats(value, incumbent, direction)
+    return GateDecision(promoted, f"{metric} {value:.4f} {'beats' if promoted else 'does not beat'} champion "
+                                  f"v{champion.version}'s {incumbent if incumbent is None else round(incumbent, 4)}")
+
+
 def register(
     package_dir: str | Path, eval_path: str | Path, name: str, tracking: Tracking | None,
-    config: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None, gate: RegistryConfig | None = None,
 ) -> RegisterResult:
     """Register the package in `package_dir` as a new version of `name`, and promote it if it wins."""
     if tracking is None:
         raise ConfigError("register: needs MLflow tracking settings (a registry to register into)")
     from mlflow.exceptions import MlflowException
 
+    gate = gate or RegistryConfig()
     meta = load_export(package_dir)
     metric, direction, (section, key) = PROMOTION_METRIC[meta["kind"]]
-    value = float(read_eval(eval_path)[section][key])
+    evaluation = read_eval(eval_path)
+    value = float(evaluation[section][key])
+    kept = evaluation[section].get("predictions")  # classifier: per-example predictions for the gate
+    predictions = Path(eval_path).parent / kept["file"] if kept else None
     tags = {"gptcore.kind": meta["kind"], "gptcore.data_digest": meta["data_digest"],
             "gptcore.tokenizer_digest": meta["tokenizer_digest"], "gptcore.tokens_digest": meta.get("tokens_digest"),
             f"gptcore.metric.{metric}": value,
             "gptcore.parity": json.dumps(meta["parity"]), **source_tags()}
+    if kept:
+        tags["gptcore.test_examples_digest"] = kept["examples_digest"]
+        tags["gptcore.predictions_artifact"] = f"evaluation/{kept['file']}"
     if config is not None:
         tags["gptcore.config"] = json.dumps(config, sort_keys=True)[:5000]
     client = tracking.client()
     with stage_run(tracking, f"register_{meta['kind']}", tags={"gptcore.data_digest": meta["data_digest"]}) as run:
         run.log_artifacts(package_dir, "model")
+        if predictions is not None:
+            run.log_artifact(str(predictions), "evaluation")
         try:
             client.create_registered_model(name, description=f"gptcore {meta['kind']} (ONNX package)")
         except MlflowException:
@@ -89,17 +142,17 @@ def register(
                                               tags={k: str(v) for k, v in tags.items()}).version
         client.set_registered_model_alias(name, CHALLENGER, version)
         champion = current_champion(client, name)
-        incumbent = None if champion is None else champion.tags.get(f"gptcore.metric.{metric}")
-        incumbent = None if incumbent is None else float(incumbent)
-        promoted = beats(value, incumbent, direction)
-        if champion is None:
-            reason = "first version"
-        else:
-            reason = (f"{metric} {value:.4f} {'beats' if promoted else 'does not beat'} champion "
-                      f"v{champion.version}'s {incumbent if incumbent is None else round(incumbent, 4)}")
+        decision = decide(tracking, champion, metric, value, direction, predictions,
+                          kept and kept["examples_digest"], gate)
+        promoted, reason = decision.promote, decision.reason
         if promoted:
             client.set_registered_model_alias(name, CHAMPION, version)
         client.set_model_version_tag(name, version, "gptcore.promotion", reason)
+        if decision.figures:
+            client.set_model_version_tag(name, version, "gptcore.gate", json.dumps(decision.figures))
+        if champion is not None:  # the decision is on record on both versions
+            client.set_model_version_tag(name, champion.version, f"gptcore.challenge.v{version}",
+                                         f"{'lost to' if promoted else 'kept against'} v{version}: {reason}")
         champion_version = version if promoted else champion.version
         run.log_metrics({metric: value, "promoted": float(promoted)})
         run.set_tags({"gptcore.registered_model": f"{name}/{version}", "gptcore.promotion": reason})

@@ -11,6 +11,7 @@ from gptcore.metrics import (
     confusion_matrix,
     expected_calibration_error,
     majority_baseline,
+    paired_bootstrap,
     unigram_nats,
 )
 
@@ -103,3 +104,28 @@ def test_bootstrap_intervals_hold_the_estimate_narrow_with_more_data_and_repeat_
     assert 0.15 < width(ci_large) / width(ci_small) < 0.4  # ~1/sqrt(16)
     assert bootstrap_intervals(*small, ["a", "b", "c"], resamples=500) == ci_small
     assert bootstrap_intervals(*small, ["a", "b", "c"], resamples=500, seed=1) != ci_small
+
+
+def _predictions(y_true: np.ndarray, right: float, seed: int) -> np.ndarray:
+    """Probabilities of a model that is right on a `right` share of the examples (0.7 confident)."""
+    rng = np.random.default_rng(seed)
+    y_pred = np.where(rng.random(len(y_true)) < right, y_true, (y_true + 1) % 3)
+    probs = np.full((len(y_true), 3), 0.15)
+    probs[np.arange(len(y_true)), y_pred] = 0.7
+    return probs
+
+
+def test_paired_bootstrap_separates_a_better_model_from_noise():
+    y_true = np.random.default_rng(0).integers(0, 3, size=600)
+    base = _predictions(y_true, 0.6, seed=1)
+    better = paired_bootstrap(y_true, base, _predictions(y_true, 0.8, seed=2), 3)
+    assert better["macro_f1"]["delta"] > 0.1 and better["macro_f1"]["ci"][0] > 0
+    assert better["accuracy"]["ci"][0] > 0
+    same = paired_bootstrap(y_true, base, base.copy(), 3)
+    assert same["macro_f1"] == {"delta": 0.0, "ci": [0.0, 0.0]}
+    flipped = base.copy()  # one example more right: a difference far inside the noise
+    wrong = np.flatnonzero(base.argmax(1) != y_true)[0]
+    flipped[wrong] = np.roll(flipped[wrong], y_true[wrong] - flipped[wrong].argmax())
+    tie = paired_bootstrap(y_true, base, flipped, 3)
+    assert tie["accuracy"]["delta"] == pytest.approx(1 / 600)
+    assert tie["macro_f1"]["ci"][0] <= 0 <= tie["macro_f1"]["ci"][1]
