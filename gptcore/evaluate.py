@@ -24,7 +24,8 @@ from gptcore.fsutil import atomic_file, read_stage_output, write_json
 from gptcore.metrics import bits_per_byte, bootstrap_intervals, classification_report, majority_baseline, unigram_nats
 from gptcore.model import GPT
 from gptcore.pretrain import load_pretrained
-from gptcore.tokenizer import PAD, load_tokenized, load_tokenizer, read_tokens, token_byte_lengths
+from gptcore.data.shards import token_byte_lengths
+from gptcore.tokenizer import PAD, load_tokenized, load_tokenizer, read_tokens
 from gptcore.tracking import Tracking, stage_run
 from gptcore.train import pick_device
 

@@ -80,16 +80,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def sha256_dir(path: str | Path) -> str:
-    """Digest of every file's relative name and content under `path`, in sorted order."""
-    root = Path(path)
-    h = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(file.relative_to(root).as_posix().encode())
-        h.update(sha256_file(file).encode())
-    return h.hexdigest()
-
-
 def append_jsonl(path: str | Path, record: dict) -> None:
     """One JSON line, flushed to disk: a log that survives the process being killed."""
     with open(path, "a", encoding="utf-8") as f:

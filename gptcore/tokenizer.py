@@ -28,7 +28,7 @@ import numpy as np
 from gptcore.config import TokenizerConfig
 from gptcore.data.ingest import SPLITS, load_ingest
 from gptcore.data.lineage import fingerprint, up_to_date
-from gptcore.data.shards import TokenShards, encode_splits, encode_texts, token_byte_lengths
+from gptcore.data.shards import TokenShards, encode_splits
 from gptcore.errors import InputError
 from gptcore.fsutil import atomic_dir, read_stage_output, sha256_file, write_json
 from gptcore.tracking import Tracking, stage_run
@@ -95,16 +95,6 @@ def load_tokenizer(path: str | Path):
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
-
-
-def encode_documents(tok, texts: list[str], eot_id: int) -> np.ndarray:
-    """All documents' ids, each followed by <|endoftext|> (a literal one inside a document stays text)."""
-    previous = tok.encode_special_tokens
-    tok.encode_special_tokens = True
-    try:
-        return encode_texts(tok, texts, eot_id, np.dtype(np.int64))
-    finally:
-        tok.encode_special_tokens = previous
 
 
 def sample_texts(path: Path, every: int) -> Iterator[str]:

@@ -3,9 +3,10 @@ import math
 import numpy as np
 
 from gptcore.config import EvalConfig
+from gptcore.data.shards import token_byte_lengths
 from gptcore.evaluate import evaluate_lm
 from gptcore.fsutil import read_json
-from gptcore.tokenizer import load_tokenized, load_tokenizer, read_tokens, token_byte_lengths
+from gptcore.tokenizer import load_tokenized, load_tokenizer, read_tokens
 
 
 def test_lm_evaluation_beats_unigram_and_bits_per_byte_is_consistent(trained, tmp_path):

@@ -9,6 +9,7 @@ from tokenizers import Tokenizer
 
 from gptcore.config import IngestConfig, TokenizerConfig
 from gptcore.data.ingest import SPLITS, ingest, read_split
+from gptcore.data.shards import token_byte_lengths
 from gptcore.errors import InputError
 from gptcore.fsutil import sha256_file
 from gptcore.tokenizer import (
@@ -16,7 +17,6 @@ from gptcore.tokenizer import (
     PAD,
     load_tokenizer,
     read_tokens,
-    token_byte_lengths,
     token_dtype,
     train_bpe,
     train_tokenizer,

@@ -143,11 +143,11 @@ class SplitWriter:
             self.rows[c].append(v)
         for c in self.columns[3:]:
             self.rows[c].append(doc.metadata.get(c))
-        size = len(doc.text.encode("utf-8"))
+        text = doc.text.encode("utf-8")
         self.documents += 1
-        self.bytes += size
-        self.pending_bytes += size
-        self.sum += int.from_bytes(hashlib.sha256(doc.id.encode("utf-8") + b"\0" + doc.text.encode("utf-8")).digest(), "big")
+        self.bytes += len(text)
+        self.pending_bytes += len(text)
+        self.sum += int.from_bytes(hashlib.sha256(doc.id.encode("utf-8") + b"\0" + text).digest(), "big")
         if self.pending_bytes >= _ROW_GROUP_BYTES:
             self.flush()
 
