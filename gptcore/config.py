@@ -221,6 +221,8 @@ class FinetuneConfig(TrainConfig):
     """Documents are cut into passages of this many tokens (at most the model's block_size)."""
     patience: int = 3
     """Stop after this many evaluations without a better validation macro-F1."""
+    class_weights: bool = False
+    """Weight the loss by inverse class frequency in train ("balanced"), for imbalanced labels."""
     method: str = "full"
     """`full` trains every weight; `lora` freezes the GPT and trains low-rank updates of the
     `lora_targets` layers plus the head (merged into the weights at the end: export is unchanged)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -121,9 +122,16 @@ class PassageBatches:
         self.generator.set_state(state["generator"])
 
 
-def classification_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def balanced_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """n / (K * count_k) per class ("balanced"): every class weighs the same in the loss, whatever its size."""
+    counts = np.bincount(labels, minlength=num_classes)
+    return len(labels) / (num_classes * np.maximum(counts, 1))
+
+
+def classification_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...],
+                        weight: torch.Tensor | None = None) -> torch.Tensor:
     ids, mask, labels = batch
-    return F.cross_entropy(model(ids, mask), labels)
+    return F.cross_entropy(model(ids, mask), labels, weight=weight)
 
 
 @torch.no_grad()
@@ -193,9 +201,15 @@ def finetune(
         counts = np.bincount(train.labels, minlength=len(labels))
         log.info("finetune: %d train / %d val passages of <= %d tokens; classes %s",
                  len(train), len(val), cfg.passage_tokens, dict(zip(labels, counts.tolist())))
+        dist, loss = setup(cfg.device), classification_loss
+        if cfg.class_weights:
+            weights = balanced_class_weights(train.labels, len(labels))
+            log.info("finetune: class weights %s", dict(zip(labels, np.round(weights, 3).tolist())))
+            run.log_params({"class_weights": dict(zip(labels, weights.tolist()))})
+            loss = partial(classification_loss, weight=torch.tensor(weights, dtype=torch.float32, device=dist.device))
         fitted = fit(
-            "finetune", model, cfg, PassageBatches(train, cfg.batch_size, pad_id, cfg.seed), classification_loss,
-            evaluate, out_dir=out_dir, meta=meta, run=run, select=("val_macro_f1", "max"), dist=setup(cfg.device),
+            "finetune", model, cfg, PassageBatches(train, cfg.batch_size, pad_id, cfg.seed), loss,
+            evaluate, out_dir=out_dir, meta=meta, run=run, select=("val_macro_f1", "max"), dist=dist,
             resume=resume, patience=cfg.patience,
         )
         result = FinetuneResult(

@@ -1,12 +1,14 @@
 import dataclasses
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from gptcore.config import FinetuneConfig
 from gptcore.errors import InputError
 from gptcore.evaluate import evaluate_classifier
-from gptcore.finetune import finetune, make_passages
+from gptcore.finetune import balanced_class_weights, classification_loss, finetune, make_passages
 from gptcore.pretrain import pretrain
 from gptcore.tokenizer import load_tokenizer
 
@@ -58,3 +60,28 @@ def test_finetune_beats_majority_and_early_stopping_keeps_best(small_corpus, pre
     for name in ("accuracy", "macro_f1", "ece"):
         assert ci[name][0] <= report.test[name] <= ci[name][1]
     assert 0 <= ci["macro_f1"][0] and ci["macro_f1"][1] <= 1 and set(ci["per_class"]) == set(report.test["per_class"])
+
+
+def test_balanced_class_weights_make_every_class_weigh_the_same():
+    labels = np.array([0] * 6 + [1] * 3 + [2] * 1)
+    weights = balanced_class_weights(labels, 3)
+    assert weights.tolist() == pytest.approx([10 / 18, 10 / 9, 10 / 3])
+    assert [weights[k] * (labels == k).sum() for k in range(3)] == pytest.approx([10 / 3] * 3)
+
+    class Fixed(torch.nn.Module):  # a "model" whose logits are its input
+        def forward(self, ids, mask):
+            return ids.float()
+
+    logits, y = torch.randn(10, 3, generator=torch.Generator().manual_seed(0)), torch.as_tensor(labels)
+    weighted = classification_loss(Fixed(), (logits, None, y), weight=torch.tensor(weights, dtype=torch.float32))
+    per_example = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    w = torch.tensor(weights, dtype=torch.float32)[y]
+    assert weighted.item() == pytest.approx(((w * per_example).sum() / w.sum()).item(), rel=1e-6)
+
+
+def test_class_weights_are_used_and_logged(small_corpus, pretrained, tmp_path, caplog):
+    caplog.set_level("INFO", logger="gptcore")
+    result = finetune(ft_cfg(class_weights=True, max_steps=20), pretrained, small_corpus["data"],
+                      small_corpus["tokenizer"], tmp_path / "ft")
+    assert result.steps == 20
+    assert any("class weights {'land'" in r.getMessage() for r in caplog.records)
