@@ -66,7 +66,6 @@ def _ece(y_true: np.ndarray, confidence: np.ndarray, y_pred: np.ndarray, bins: i
     """ECE of each row of (B, N) arrays."""
     b, n = y_true.shape
     which = np.minimum((confidence * bins).astype(np.int64), bins - 1) + bins * np.arange(b)[:, None]
-    count = np.bincount(which.ravel(), minlength=b * bins).reshape(b, bins)
     correct = np.bincount(which.ravel(), (y_true == y_pred).ravel(), b * bins).reshape(b, bins)
     confident = np.bincount(which.ravel(), confidence.ravel(), b * bins).reshape(b, bins)
     return np.abs(correct - confident).sum(1) / n

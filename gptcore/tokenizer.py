@@ -166,7 +166,7 @@ def train_tokenizer(
                 "vocab_size": vocab_size, "dtype": dtype.name, "eot_id": eot_id, "pad_id": tok.token_to_id(PAD),
                 "data_digest": corpus.digest, "tokenizer_digest": sha256_file(tmp / "tokenizer.json"),
                 "digest": digest.hexdigest(), "sample": sample, "workers": workers, "splits": splits,
-                "sources": read_stage_output(data_dir, "manifest.json", "ingested corpus", "ingest")["sources"],
+                "sources": corpus.sources,
                 "fingerprint": key})
         result = load_tokenized(out_dir)
         run.set_tags({"gptcore.tokenizer_digest": result.tokenizer_digest, "gptcore.tokens_digest": result.digest})

@@ -44,6 +44,7 @@ class IngestResult:
     digest: str
     documents: dict[str, int]
     bytes: dict[str, int]
+    sources: list[dict[str, Any]]
 
     def split_path(self, split: str) -> Path:
         return Path(self.out_dir) / f"{split}.parquet"
@@ -276,7 +277,8 @@ def load_ingest(out_dir: str | Path) -> IngestResult:
     """The result of an earlier `ingest` into `out_dir`, from its manifest."""
     m = read_stage_output(out_dir, "manifest.json", "ingested corpus", "ingest")
     return IngestResult(str(out_dir), str(Path(out_dir) / "manifest.json"), m["digest"],
-                        {s: m["splits"][s]["documents"] for s in SPLITS}, {s: m["splits"][s]["bytes"] for s in SPLITS})
+                        {s: m["splits"][s]["documents"] for s in SPLITS}, {s: m["splits"][s]["bytes"] for s in SPLITS},
+                        m["sources"])
 
 
 def read_split(out_dir: str | Path, split: str, columns: list[str] | None = None):
