@@ -1,6 +1,6 @@
 """The whole pipeline as one Prefect flow: each task calls exactly one gptcore stage function.
 
-ingest -> tokenizer -> pretrain -> finetune -> evaluate (LM, classifier) -> export (LM, classifier)
+ingest -> tokenizer -> pretrain -> finetune, chat SFT -> evaluate (LM, classifier, chat) -> export (LM, classifier)
 -> register + promote (both) -> score the test split with the champion classifier.
 
 Stages hand each other directories, never tensors, and one MLflow run named `pipeline` holds
@@ -28,7 +28,9 @@ from gptcore.layout import Workdir
 from gptcore.launch import pretrain_stage
 from gptcore.registry import register
 from gptcore.score import score
-from gptcore.summary import pipeline_summary
+from gptcore.sft import sft
+from gptcore.sft_eval import evaluate_sft
+from gptcore.summary import pipeline_summary, promotion_markdown
 from gptcore.tokenizer import train_tokenizer
 from gptcore.tracking import Tracking, load_settings, stage_run
 
@@ -43,8 +45,10 @@ ingest_task = _stage(ingest, "ingest")
 tokenizer_task = _stage(train_tokenizer, "tokenizer")
 pretrain_task = _stage(pretrain_stage, "pretrain")
 finetune_task = _stage(finetune, "finetune")
+sft_task = _stage(sft, "sft")
 evaluate_lm_task = _stage(evaluate_lm, "evaluate-lm")
 evaluate_classifier_task = _stage(evaluate_classifier, "evaluate-classifier")
+evaluate_sft_task = _stage(evaluate_sft, "evaluate-sft")
 export_lm_task = _stage(export_lm_onnx, "export-lm")
 export_classifier_task = _stage(export_classifier_onnx, "export-classifier")
 # The registry may sit behind a network: retry with backoff.
@@ -93,8 +97,10 @@ def _pipeline(preset: str, config_path: str | None, workdir: str, mlflow_config:
         tokens = tokenizer_task(cfg.tokenizer, w.data, w.tokenizer, t)
         pretrained = pretrain_task(cfg, w.root, t)
         finetuned = finetune_task(cfg.finetune, w.pretrain, w.data, w.tokenizer, w.finetune, t)
-        lm_eval = evaluate_lm_task(cfg.evaluate, w.pretrain, w.tokenizer, w.eval, t)
+        chat = sft_task(cfg.sft, w.pretrain, w.data, w.tokenizer, w.sft, t)
+        lm_eval = evaluate_lm_task(cfg.evaluate, w.pretrain, w.tokenizer, w.eval, t, data_dir=w.data)
         cls_eval = evaluate_classifier_task(w.finetune, w.data, w.tokenizer, w.eval, t)
+        chat_eval = evaluate_sft_task(cfg.sft, w.sft, w.pretrain, w.data, w.tokenizer, w.eval, t)
         lm_pkg = export_lm_task(cfg.export, w.pretrain, w.tokenizer, w.export_lm, t)
         cls_pkg = export_classifier_task(cfg.export, w.finetune, w.data, w.tokenizer, w.export_classifier, t)
         lm_reg = register_task(w.export_lm, lm_eval.metrics_path, cfg.registry.lm_name, t, cfg.to_dict(), cfg.registry)
@@ -103,12 +109,17 @@ def _pipeline(preset: str, config_path: str | None, workdir: str, mlflow_config:
         scores = score_task(cls_reg.champion_uri, data.split_path("test"), w.scores / "test_scores.parquet", "text", t)
         summary = pipeline_summary(
             workdir=w.root, settings=settings, seconds=time.perf_counter() - start, data=data, tokens=tokens,
-            pretrained=pretrained, finetuned=finetuned, lm_eval=lm_eval, cls_eval=cls_eval, lm_pkg=lm_pkg,
+            pretrained=pretrained, finetuned=finetuned, chat=chat, lm_eval=lm_eval, cls_eval=cls_eval,
+            chat_eval=chat_eval, lm_pkg=lm_pkg,
             cls_pkg=cls_pkg, lm_reg=lm_reg, cls_reg=cls_reg, scores=scores,
         )
         parent.log_metrics({"pipeline_seconds": summary["seconds"]})
         parent.log_dict(summary, "summary.json")
     create_markdown_artifact(summary["markdown"], key="gptcore-pipeline-summary", description="gptcore pipeline summary")
+    create_markdown_artifact(promotion_markdown([lm_reg, cls_reg]), key="gptcore-promotion",
+                             description="registry: each new version, and whether it took the champion alias")
+    create_markdown_artifact(Path(chat_eval.samples_path).read_text(encoding="utf-8"), key="gptcore-chat-samples",
+                             description="chat SFT: base vs fine-tuned answers to held-out prompts")
     logger.info("\n%s", summary["text"])
     return {k: v for k, v in summary.items() if k not in ("markdown",)}
 

@@ -24,9 +24,9 @@ from safetensors.torch import load_file, load_model, save_file
 
 from gptcore.config import ModelConfig
 from gptcore.errors import InputError
-from gptcore.fsutil import atomic_dir, read_json, write_json
+from gptcore.fsutil import atomic_dir, read_json, sha256_file, write_json
 from gptcore.model import GPT, GPTClassifier
-from gptcore.peft import apply_lora, merge_lora
+from gptcore.peft import merge_peft, restore_peft
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 MARKER = "COMPLETE"
@@ -77,6 +77,13 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"{path}: no model description here; is {directory} a gptcore checkpoint?")
     return read_json(path)
+
+
+def checkpoint_source(directory: str | Path) -> dict[str, str]:
+    """Where an exported model came from: the checkpoint directory and its weights' sha256, so the
+    registry can attach those very weights to the version (or refuse ones fine-tuned since)."""
+    directory = Path(directory).resolve()
+    return {"dir": str(directory), "weights_sha256": sha256_file(directory / "model.safetensors")}
 
 
 def rng_state() -> dict[str, Any]:
@@ -142,17 +149,16 @@ def load_classifier(directory: str | Path) -> tuple[GPTClassifier, dict[str, Any
     if meta.get("kind") != "classifier":
         raise InputError(f"{directory}: holds a {meta.get('kind')!r} model, not a classifier")
     model = GPTClassifier(GPT(ModelConfig(**meta["model"])), len(meta["labels"]))
-    if (lora := meta.get("lora")) is None:
-        return load_weights(model, directory).eval(), meta
-    apply_lora(model, lora["targets"], lora["rank"], lora["alpha"])  # the weights as trained, then merged
-    return merge_lora(load_weights(model, directory)).eval(), meta
+    restore_peft(model, meta.get("peft", {"method": "full"}))  # the modules as trained; LoRA then merged
+    return merge_peft(load_weights(model, directory)).eval(), meta
 
 
 def load_lm(directory: str | Path) -> tuple[GPT, dict[str, Any]]:
     meta = read_meta(directory)
     if meta.get("kind") != "lm":
         raise InputError(f"{directory}: holds a {meta.get('kind')!r} model, not a language model")
-    return load_weights(GPT(ModelConfig(**meta["model"])), directory).eval(), meta
+    model = restore_peft(GPT(ModelConfig(**meta["model"])), meta.get("peft", {"method": "full"}))
+    return merge_peft(load_weights(model, directory)).eval(), meta
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,8 +1,11 @@
 """`gptcore`: one verb per stage, each calling the same function the Prefect flow calls.
 
     gptcore pipeline  [--preset tiny] [--config FILE] [--workdir DIR]   the whole Prefect flow
-    gptcore ingest | tokenizer | pretrain [--resume] | finetune [--resume] | evaluate | export | register
+    gptcore ingest | tokenizer | pretrain [--resume] | finetune [--resume] | sft [--resume] | evaluate | export
+    gptcore register
     gptcore generate --model URI --prompt TEXT      gptcore score --model URI --input F --output F
+    gptcore evaluate --model URI [--model URI ...] --data FILE    versions side by side on one file
+    gptcore explain --model URI --text TEXT [--steps N] [--html OUT.html]
 
 Stage verbs read and write the standard places inside --workdir (see gptcore/layout.py), so
 `gptcore ingest && gptcore tokenizer && gptcore pretrain ...` is the pipeline by hand.
@@ -19,7 +22,7 @@ from collections.abc import Callable
 
 from gptcore.config import PipelineConfig
 from gptcore.presets import PRESETS, load_config
-from gptcore.errors import GptcoreError
+from gptcore.errors import ConfigError, GptcoreError
 from gptcore.layout import Workdir
 from gptcore.tracking import Tracking, load_settings
 
@@ -73,14 +76,40 @@ def cmd_finetune(args, cfg: PipelineConfig) -> None:
     _print(finetune(cfg.finetune, w.pretrain, w.data, w.tokenizer, w.finetune, _tracking(args), resume=args.resume))
 
 
+def cmd_sft(args, cfg: PipelineConfig) -> None:
+    from gptcore.sft import sft
+
+    w = Workdir(args.workdir)
+    _print(sft(cfg.sft, w.pretrain, w.data, w.tokenizer, w.sft, _tracking(args), resume=args.resume))
+
+
 def cmd_evaluate(args, cfg: PipelineConfig) -> None:
+    if args.model or args.data:
+        return cmd_evaluate_versions(args, cfg)
     from gptcore.evaluate import evaluate_classifier, evaluate_lm
 
     w, t = Workdir(args.workdir), _tracking(args)
     if args.only in (None, "lm"):
-        _print(evaluate_lm(cfg.evaluate, w.pretrain, w.tokenizer, w.eval, t))
+        _print(evaluate_lm(cfg.evaluate, w.pretrain, w.tokenizer, w.eval, t, data_dir=w.data))
     if args.only in (None, "classifier"):
         _print(evaluate_classifier(w.finetune, w.data, w.tokenizer, w.eval, t))
+    if args.only in (None, "sft"):
+        from gptcore.sft_eval import evaluate_sft
+
+        _print(evaluate_sft(cfg.sft, w.sft, w.pretrain, w.data, w.tokenizer, w.eval, t))
+
+
+def cmd_evaluate_versions(args, cfg: PipelineConfig) -> None:
+    from gptcore.evaluate_registered import evaluate_versions
+
+    if not (args.model and args.data):
+        raise ConfigError("evaluate: --model and --data go together: the versions to evaluate, and the file to "
+                          "evaluate them on")
+    if args.only:
+        raise ConfigError("evaluate: --only picks among the workdir's models; with --model, name the versions instead")
+    settings = load_settings(args.workdir, args.mlflow_config)
+    _print(evaluate_versions(args.model, args.data, args.text_field, args.label_field, args.output, _tracking(args),
+                             settings.tracking_uri, settings.registry_uri, cfg.registry, args.device))
 
 
 def cmd_export(args, cfg: PipelineConfig) -> None:
@@ -123,6 +152,15 @@ def cmd_score(args, cfg: PipelineConfig) -> None:
     _print(score(args.model, args.input, args.output, args.text_field, _tracking(args), args.batch_size, args.device))
 
 
+def cmd_explain(args, cfg: PipelineConfig) -> None:
+    from gptcore.explain import explain, format_table
+
+    settings = load_settings(args.workdir, args.mlflow_config)
+    explanation = explain(args.model, args.text, settings.tracking_uri, settings.registry_uri, args.steps, args.html,
+                          tokenizer=Workdir(args.workdir).tokenizer / "tokenizer.json")
+    print(format_table(explanation))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptcore", description="Build a GPT from raw text, track it, register it, serve it.")
     common = argparse.ArgumentParser(add_help=False)
@@ -142,12 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
     verb("pipeline", cmd_pipeline, "run the whole pipeline as a Prefect flow")
     verb("ingest", cmd_ingest, "read, clean and split the corpus")
     verb("tokenizer", cmd_tokenizer, "train the BPE tokenizer and encode the splits")
-    for name, fn in (("pretrain", cmd_pretrain), ("finetune", cmd_finetune)):
+    for name, fn in (("pretrain", cmd_pretrain), ("finetune", cmd_finetune), ("sft", cmd_sft)):
         p = verb(name, fn, f"{name} (resumable)")
         p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
-    for name, fn in (("evaluate", cmd_evaluate), ("export", cmd_export), ("register", cmd_register)):
-        p = verb(name, fn, f"{name} the language model and the classifier")
-        p.add_argument("--only", choices=["lm", "classifier"], help="just one of the two models")
+    pair = ["lm", "classifier"]
+    for name, fn, models in (("evaluate", cmd_evaluate, [*pair, "sft"]), ("export", cmd_export, pair),
+                             ("register", cmd_register, pair)):
+        p = verb(name, fn, f"{name} the workdir's models ({', '.join(models)})")
+        p.add_argument("--only", choices=models, help="just one of them")
+    p = sub.choices["evaluate"]
+    p.add_argument("--model", action="append", help="evaluate this version (models:/NAME@ALIAS, models:/NAME/VERSION "
+                   "or a package directory) on --data instead of the workdir's models; repeat it to compare "
+                   "versions with the first")
+    p.add_argument("--data", help=".parquet, .jsonl or .csv to evaluate the --model versions on")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--label-field", default="label", help="a classifier's labels: class names or integers")
+    p.add_argument("--output", help="also write the report (JSON) here")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p = verb("generate", cmd_generate, "generate text with an ONNX language model")
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a package directory")
     p.add_argument("--prompt", required=True)
@@ -164,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p = verb("explain", cmd_explain, "per-token attributions (integrated gradients) of the torch classifier for one text")
+    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint directory "
+                   "(one without tokenizer.json uses the workdir's tokenizer)")
+    p.add_argument("--text", required=True)
+    p.add_argument("--steps", type=int, default=32, help="integration steps (default: %(default)s)")
+    p.add_argument("--html", help="also write the explanation as an HTML page here")
     return parser
 
 

@@ -212,8 +212,47 @@ class TrainConfig:
 
 
 @dataclass
-class FinetuneConfig(TrainConfig):
-    """Sequence classification: the training fields above plus what defines the task."""
+class PeftConfig:
+    """Which weights a fine-tuning stage trains, and how: shared by every stage that fine-tunes a GPT."""
+
+    method: str = "full"
+    """`full` trains every weight. The others freeze the GPT and train the head plus: `lora`, low-rank
+    updates of the `lora_targets` layers (merged into the weights at load: export is unchanged);
+    `adapter`, a bottleneck MLP after each block's attention and MLP output (and the norms);
+    `prefix`, learned keys and values that every token attends to in every layer (classifier only).
+    These train best at a higher lr than full fine-tuning (bench/peft.py: the scales and results)."""
+    lora_rank: int = 8
+    """Rank r of each LoRA update B A."""
+    lora_alpha: float = 16.0
+    """The update is scaled by lora_alpha / lora_rank."""
+    lora_dropout: float = 0.0
+    """Dropout on the input of the LoRA branch."""
+    lora_targets: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.proj", "wte"])
+    """Layers that get LoRA, by name suffix: attn.qkv, attn.proj, mlp.fc, mlp.proj, and wte (the
+    token embedding: without it the words' meaning cannot move, and genre hangs on names)."""
+    adapter_size: int = 16
+    """Bottleneck width of each adapter (method adapter)."""
+    prefix_tokens: int = 16
+    """Learned key/value positions per layer (method prefix); they take no position ids, so
+    passages keep the whole block_size."""
+
+    def __post_init__(self) -> None:
+        self.check_peft()
+
+    def check_peft(self) -> None:
+        """Validate the fields above; a subclass with a `__post_init__` of its own calls this from it."""
+        methods = ("full", "lora", "adapter", "prefix")
+        _check(self.method in methods, "method", f"must be one of {methods}, got {self.method!r}")
+        _positive(self, "lora_rank", "lora_alpha", "adapter_size", "prefix_tokens")
+        _check(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        known = {"attn.qkv", "attn.proj", "mlp.fc", "mlp.proj", "wte"}
+        _check(bool(self.lora_targets) and set(self.lora_targets) <= known, "lora_targets",
+               f"must be a non-empty subset of {sorted(known)}, got {self.lora_targets}")
+
+
+@dataclass
+class FinetuneConfig(TrainConfig, PeftConfig):
+    """Sequence classification: the training fields, the method (PeftConfig) and what defines the task."""
 
     label_field: str = "genre"
     """Column of the ingested splits that holds each document's label."""
@@ -223,29 +262,53 @@ class FinetuneConfig(TrainConfig):
     """Stop after this many evaluations without a better validation macro-F1."""
     class_weights: bool = False
     """Weight the loss by inverse class frequency in train ("balanced"), for imbalanced labels."""
-    method: str = "full"
-    """`full` trains every weight; `lora` freezes the GPT and trains low-rank updates of the
-    `lora_targets` layers plus the head (merged into the weights at the end: export is unchanged)."""
-    lora_rank: int = 8
-    """Rank r of each LoRA update B A."""
-    lora_alpha: float = 16.0
-    """The update is scaled by lora_alpha / lora_rank."""
-    lora_dropout: float = 0.0
-    """Dropout on the input of the LoRA branch."""
-    lora_targets: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.proj", "wte"])
-    """Layers that get LoRA, by name suffix: attn.qkv, attn.proj, mlp.fc, mlp.proj, and wte (the
-    token embedding: without it the words' meaning cannot move, and genre hangs on names).
-    LoRA trains best at a higher lr than full fine-tuning (bench/peft.py uses 3x)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.check_peft()
         _check(bool(self.label_field), "label_field", "must not be empty")
-        _positive(self, "passage_tokens", "patience", "lora_rank", "lora_alpha")
-        _check(self.method in ("full", "lora"), "method", f"must be full or lora, got {self.method!r}")
-        _check(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
-        known = {"attn.qkv", "attn.proj", "mlp.fc", "mlp.proj", "wte"}
-        _check(bool(self.lora_targets) and set(self.lora_targets) <= known, "lora_targets",
-               f"must be a non-empty subset of {sorted(known)}, got {self.lora_targets}")
+        _positive(self, "passage_tokens", "patience")
+
+
+@dataclass
+class SFTConfig(TrainConfig, PeftConfig):
+    """Chat supervised fine-tuning: the training fields, the method (PeftConfig: full, lora or
+    adapter) plus the data and its evaluation."""
+
+    lora_targets: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"])
+    """As for classification, but never wte: the embedding is tied to the LM head, which the
+    update would change at merge without having been trained through it."""
+
+    data: str | None = None
+    """A chat JSONL file (`prompt`/`response` or `messages` records); unset: the built-in example
+    from the ingested plays (each speech as the prompt, the next character's reply as the response)."""
+    val_fraction: float = 0.05
+    """Share of the chat file's conversations held out for validation (the plays use the ingest splits)."""
+    test_fraction: float = 0.05
+    """Share held out for the evaluation against the base model."""
+    patience: int = 3
+    """Stop after this many evaluations without a lower validation response loss."""
+    eval_conversations: int = 400
+    """Held-out conversations scored per evaluation (validation during training, test after it)."""
+    samples: int = 4
+    """Held-out prompts answered by the base and the fine-tuned model, side by side."""
+    max_new_tokens: int = 48
+    temperature: float = 0.8
+    top_k: int = 50
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_peft()
+        _check(self.method != "prefix", "method", "prefix-tuning is for classification; use full, lora or adapter")
+        _check(self.method != "lora" or "wte" not in self.lora_targets, "lora_targets",
+               "wte is tied to the LM head: LoRA on it would change the head at merge; leave it out")
+        _positive(self, "patience", "eval_conversations", "max_new_tokens", "top_k")
+        _check(self.samples >= 0, "samples", f"must be >= 0, got {self.samples}")
+        _check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            _check(0 < value < 0.5, name, f"must be in (0, 0.5), got {value!r}")
+        _check(self.data is None or bool(self.data.strip()), "data", "must be a path to a chat JSONL file, or unset")
 
 
 @dataclass
@@ -257,7 +320,8 @@ class EvalConfig:
     top_k: int = 50
     seed: int = 0
     max_eval_tokens: int = 200_000
-    """Cap on tokens scored per split for loss/bpb (the whole split when smaller)."""
+    """Cap on tokens scored per split for loss/bpb (the whole split when smaller), and on the test
+    tokens scored document by document for the per-document bpb (whole documents, in split order)."""
 
     def __post_init__(self) -> None:
         _positive(self, "max_new_tokens", "top_k", "max_eval_tokens")
@@ -289,12 +353,16 @@ class RegistryConfig:
     champion (paired bootstrap on the same test examples) lies entirely above this."""
     guard_tolerance: float = 0.02
     """...and its accuracy drops by no more than this, and its calibration error rises by no more."""
+    lm_min_improvement: float = 0.0
+    """A language model is promoted only when the 95% interval of its bits-per-byte reduction
+    from the champion's (paired bootstrap over the same test documents) lies entirely above this."""
     bootstrap_resamples: int = 1000
     """Resamples of the paired bootstrap."""
 
     def __post_init__(self) -> None:
         _check(bool(self.lm_name) and bool(self.classifier_name), "lm_name/classifier_name", "must not be empty")
         _check(self.min_improvement >= 0, "min_improvement", f"must be >= 0, got {self.min_improvement}")
+        _check(self.lm_min_improvement >= 0, "lm_min_improvement", f"must be >= 0, got {self.lm_min_improvement}")
         _check(self.guard_tolerance >= 0, "guard_tolerance", f"must be >= 0, got {self.guard_tolerance}")
         _check(self.bootstrap_resamples >= 100, "bootstrap_resamples", f"must be >= 100, got {self.bootstrap_resamples}")
 
@@ -306,6 +374,7 @@ class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)

@@ -1,7 +1,10 @@
-"""Evaluation: the language model (loss, perplexity, bits per byte, samples) and the classifier
-(accuracy, macro-F1, per-class precision/recall, confusion matrix), each beside a baseline.
+"""Evaluation: the language model (loss, perplexity, bits per byte, per-document bits per byte,
+samples) and the classifier (accuracy, macro-F1, per-class precision/recall, confusion matrix),
+each beside a baseline.
 
-Output: OUT/lm_eval.json + OUT/samples.txt, and OUT/classifier_eval.json + OUT/confusion_matrix.png.
+Output: OUT/lm_eval.json + OUT/samples.txt + OUT/lm_doc_bpb.npz (each test document's figures), and
+OUT/classifier_eval.json + OUT/confusion_matrix.png + OUT/attributions.html (integrated gradients
+on a fixed sample of test passages, `gptcore.explain`).
 """
 
 from __future__ import annotations
@@ -18,14 +21,17 @@ from torch.nn import functional as F
 
 from gptcore.checkpoint import load_classifier, load_lm
 from gptcore.config import EvalConfig
+from gptcore.data.ingest import load_ingest, read_split
+from gptcore.doc_bpb import DocScores, distribution, documents_digest, save_doc_scores, score_documents, take_documents
 from gptcore.errors import InputError
+from gptcore.explain import explain_sample
 from gptcore.finetune import load_finetuned, make_passages, predict
 from gptcore.fsutil import atomic_file, read_stage_output, write_json
 from gptcore.metrics import bits_per_byte, bootstrap_intervals, classification_report, majority_baseline, unigram_nats
 from gptcore.model import GPT
 from gptcore.pretrain import load_pretrained
 from gptcore.data.shards import token_byte_lengths
-from gptcore.tokenizer import PAD, load_tokenized, load_tokenizer, read_tokens
+from gptcore.tokenizer import EOT, PAD, load_tokenized, load_tokenizer, read_tokens
 from gptcore.tracking import Tracking, stage_run
 from gptcore.train import pick_device
 
@@ -67,20 +73,63 @@ def generate_samples(model: GPT, tok, cfg: EvalConfig) -> str:
     return "\n".join(parts)
 
 
+DOC_BPB_FILE = "lm_doc_bpb.npz"
+
+
+@torch.no_grad()
+def gpt_nats(model: GPT, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """(B, T) ids and targets (-1: not scored) -> (B, T) NLL in nats, 0 where not scored.
+
+    Over the tokenizer's ids only, not the embedding's padding, as the exported ONNX graph.
+    """
+    V = model.cfg.vocab_size
+    logits, _ = model(torch.from_numpy(inputs).to(next(model.parameters()).device))
+    t = torch.from_numpy(targets).to(logits.device)
+    nll = F.cross_entropy(logits[..., :V].float().reshape(-1, V), t.reshape(-1), ignore_index=-1, reduction="none")
+    return nll.view(t.shape).cpu().numpy()
+
+
+def document_ids(data_dir: str | Path | None, tokens, n: int) -> list[str]:
+    """Ids of the test split's first n documents: from the ingested split the shards were encoded
+    from (documents sit in the shards in its row order), else their positions in the split."""
+    if data_dir is None:
+        return [f"test/{i}" for i in range(n)]
+    digest = load_ingest(data_dir).digest
+    if digest != tokens.data_digest:
+        raise InputError(f"{data_dir}: holds other data ({digest[:12]}) than the tokens were encoded from "
+                         f"({tokens.data_digest[:12]}); run `gptcore tokenizer` again")
+    return [str(i) for i in read_split(data_dir, "test", ["id"]).column("id").slice(0, n).to_pylist()]
+
+
+def score_test_documents(model: GPT, tok, tokens, data_dir: str | Path | None,
+                         max_tokens: int) -> tuple[DocScores, str]:
+    """Each of the test split's first documents (up to `max_tokens` targets) scored on its own,
+    and a digest of the documents: the promotion gate pairs two versions' scores when it agrees."""
+    eot = tok.token_to_id(EOT)
+    docs = take_documents(read_tokens(tokens, "test"), eot, max_tokens)
+    ids = document_ids(data_dir, tokens, len(docs))
+    nats = score_documents(docs, eot, model.cfg.block_size, model.cfg.vocab_size, lambda x, y: gpt_nats(model, x, y))
+    byte_lengths = token_byte_lengths(tok)
+    scores = DocScores(np.asarray(ids, dtype=str), nats, np.array([len(d) + 1 for d in docs], dtype=np.int64),
+                       np.array([int(byte_lengths[d].sum()) for d in docs], dtype=np.int64))
+    return scores, documents_digest(ids, tok.decode_batch([d.tolist() for d in docs], skip_special_tokens=False))
+
+
 @dataclass
 class LMEvalResult:
     metrics_path: str
     samples_path: str
     val: dict[str, float]
-    test: dict[str, float]
+    test: dict  # as val, plus "documents": the per-document bits per byte summarised
     unigram_bpb: dict[str, float]
 
 
 def evaluate_lm(
     cfg: EvalConfig, pretrained_dir: str | Path, tokenized_dir: str | Path, out_dir: str | Path,
-    tracking: Tracking | None = None,
+    tracking: Tracking | None = None, data_dir: str | Path | None = None,
 ) -> LMEvalResult:
-    """Val/test loss, perplexity and bits per byte of the pretrained GPT, a unigram baseline's bpb, samples."""
+    """Val/test loss, perplexity and bits per byte of the pretrained GPT, a unigram baseline's bpb,
+    the test documents' bits per byte one by one (ids from the ingested `data_dir` when given), samples."""
     pretrained = load_pretrained(pretrained_dir)
     model, _ = load_lm(pretrained.best_dir)
     model.to(pick_device("auto"))
@@ -99,6 +148,11 @@ def evaluate_lm(
         unigram[split] = bits_per_byte(unigram_nats(train_counts, targets), n_bytes)
         log.info("evaluate: %s loss %.4f | ppl %.2f | %.4f bits/byte (unigram baseline %.4f) over %d tokens", split,
                  loss, math.exp(loss), scores[split]["bpb"], unigram[split], targets.size)
+    documents, digest = score_test_documents(model, tok, tokens, data_dir, cfg.max_eval_tokens)
+    save_doc_scores(out_dir / DOC_BPB_FILE, documents)
+    summary = scores["test"]["documents"] = distribution(documents) | {"file": DOC_BPB_FILE, "examples_digest": digest}
+    log.info("evaluate: test documents one by one: median %.4f bits/byte (p10 %.4f, p90 %.4f) over %d documents",
+             summary["median"], summary["p10"], summary["p90"], summary["documents"])
     samples = generate_samples(model, tok, cfg)
     result = LMEvalResult(str(out_dir / "lm_eval.json"), str(out_dir / "samples.txt"), scores["val"], scores["test"], unigram)
     write_json(result.metrics_path, asdict(result))
@@ -107,10 +161,13 @@ def evaluate_lm(
     tags = {"gptcore.data_digest": pretrained.data_digest, "gptcore.tokenizer_digest": pretrained.tokenizer_digest}
     with stage_run(tracking, "evaluate_lm", tags=tags) as run:
         run.log_params({"eval": asdict(cfg)})
-        run.log_metrics({f"{s}_{k}": v for s in ("val", "test") for k, v in scores[s].items()}
-                        | {f"unigram_{s}_bpb": v for s, v in unigram.items()})
+        run.log_metrics({f"{s}_{k}": v for s in ("val", "test") for k, v in scores[s].items() if k != "documents"}
+                        | {f"unigram_{s}_bpb": v for s, v in unigram.items()}
+                        | {f"test_doc_bpb_{k}": summary[k] for k in ("mean", "median", "p10", "p90")}
+                        | {"test_documents": summary["documents"]})
         run.log_artifact(result.metrics_path)
         run.log_artifact(result.samples_path)
+        run.log_artifact(str(out_dir / DOC_BPB_FILE))
     return result
 
 
@@ -161,6 +218,7 @@ def interval(bounds: list[float]) -> str:
 class ClassifierEvalResult:
     metrics_path: str
     confusion_path: str
+    attributions_path: str
     test: dict
     majority: dict
 
@@ -183,9 +241,10 @@ def evaluate_classifier(
     report["predictions"] = save_predictions(out_dir / PREDICTIONS_FILE, test, probs)
     baseline = majority_baseline(train.labels, test.labels, labels)
     result = ClassifierEvalResult(str(out_dir / "classifier_eval.json"), str(out_dir / "confusion_matrix.png"),
-                                  report, baseline)
+                                  str(out_dir / "attributions.html"), report, baseline)
     write_json(result.metrics_path, asdict(result))
     plot_confusion(report, Path(result.confusion_path), f"test: accuracy {report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f}")
+    explained = explain_sample(model, tok, test, labels, result.attributions_path)
     log.info("evaluate: classifier test accuracy %.4f %s, macro-F1 %.4f %s, ECE %.4f over %d passages "
              "(majority '%s': %.4f / %.4f)", report["accuracy"], interval(report["ci"]["accuracy"]), report["macro_f1"],
              interval(report["ci"]["macro_f1"]), report["ece"], len(test), baseline["majority_class"],
@@ -197,9 +256,11 @@ def evaluate_classifier(
             metrics |= dict(zip((f"test_{name}_ci_low", f"test_{name}_ci_high"), report["ci"][name]))
         for label, per in report["per_class"].items():
             metrics |= {f"test_{m}_{label}": per[m] for m in ("precision", "recall", "f1")}
+        metrics["attribution_completeness_gap_max"] = max(ex.completeness_gap for ex in explained)
         run.log_metrics(metrics)
         run.log_artifact(result.metrics_path)
         run.log_artifact(result.confusion_path)
+        run.log_artifact(result.attributions_path)
         run.log_artifact(str(out_dir / PREDICTIONS_FILE))
     return result
 

@@ -3,7 +3,8 @@
 A model package is a directory that `gptcore.runtime` serves without torch:
     model.onnx            the graph and weights
     tokenizer.json        the tokenizer the model was trained with
-    gptcore_model.json    kind, shapes, special token ids, labels, digests, parity figures
+    gptcore_model.json    kind, shapes, special token ids, labels, digests, parity figures, and (classifier)
+                          the checkpoint it came from, which the registry attaches to the version
 
 LM graph: input_ids, position_ids (B, T), attention_mask (B, P + T), past_key_<i>/past_value_<i>
 (B, H, P, D) -> logits (B, T, V), present_key_<i>/present_value_<i> (B, H, P + T, D). Exporters
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptcore.checkpoint import load_classifier, load_lm
+from gptcore.checkpoint import checkpoint_source, load_classifier, load_lm
 from gptcore.config import ExportConfig
 from gptcore.errors import ParityError
 from gptcore.finetune import load_finetuned, make_passages, pad_right
@@ -114,6 +115,7 @@ def package_meta(kind: str, gpt: GPT, tok, model_meta: dict, parity: dict) -> di
         "labels": model_meta.get("labels", []), "model": model_meta["model"],
         "data_digest": model_meta["data_digest"], "tokenizer_digest": model_meta["tokenizer_digest"],
         "tokens_digest": model_meta.get("tokens_digest"), "parity": parity,
+        "checkpoint": model_meta.get("checkpoint"),
     }
 
 
@@ -203,7 +205,9 @@ def export_lm_onnx(cfg: ExportConfig, pretrained_dir: str | Path, tokenized_dir:
 def export_classifier_onnx(cfg: ExportConfig, finetuned_dir: str | Path, data_dir: str | Path,
                            tokenized_dir: str | Path, out_dir: str | Path, tracking: Tracking | None = None) -> ExportResult:
     """Export the fine-tuned classifier to an ONNX package in `out_dir`, parity-checked on val passages."""
-    model, meta = load_classifier(load_finetuned(finetuned_dir).best_dir)
+    best_dir = load_finetuned(finetuned_dir).best_dir
+    model, meta = load_classifier(best_dir)
+    meta["checkpoint"] = checkpoint_source(best_dir)
     tok = load_tokenizer(tokenized_dir)
     val, _ = make_passages(data_dir, "val", meta["label_field"], tok, meta["passage_tokens"], meta["labels"])
     passages = val.spread(32).ids

@@ -27,7 +27,7 @@ from gptcore.errors import InputError
 from gptcore.fsutil import read_stage_output, write_json
 from gptcore.metrics import classification_report
 from gptcore.model import GPTClassifier
-from gptcore.peft import apply_lora, trainable_fraction
+from gptcore.peft import apply_peft, trainable_fraction
 from gptcore.pretrain import load_pretrained
 from gptcore.tokenizer import PAD, load_tokenizer
 from gptcore.tracking import Tracking, stage_run
@@ -54,6 +54,11 @@ class Passages:
         return Passages([self.ids[i] for i in picks], self.labels[picks], [self.doc_ids[i] for i in picks])
 
 
+def class_order(label: str) -> tuple:
+    """Integer labels (read from CSV or Parquet as numbers) in numeric order, before any names."""
+    return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
+
+
 def make_passages(
     data_dir: str | Path, split: str, label_field: str, tok, passage_tokens: int, classes: list[str] | None
 ) -> tuple[Passages, list[str]]:
@@ -66,7 +71,7 @@ def make_passages(
             raise InputError(f"{Path(data_dir) / (split + '.parquet')}: document {doc_id!r} has no {label_field!r} label")
     labels = [str(label) for label in labels]
     if classes is None:
-        classes = sorted(set(labels))
+        classes = sorted(set(labels), key=class_order)
         if len(classes) < 2:
             raise InputError(f"label field {label_field!r} has {len(classes)} distinct value(s) in train; need >= 2")
     index = {c: i for i, c in enumerate(classes)}
@@ -181,12 +186,9 @@ def finetune(
     model = GPTClassifier(gpt, len(labels))
     meta = {**lm_meta, "kind": "classifier", "labels": labels, "label_field": cfg.label_field,
             "passage_tokens": cfg.passage_tokens}
-    if cfg.method == "lora":
-        meta["lora"] = {"targets": cfg.lora_targets, "rank": cfg.lora_rank, "alpha": cfg.lora_alpha}
-        wrapped = apply_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, trainable=("head",))
-        log.info("finetune: LoRA r=%d on %d layers", cfg.lora_rank, wrapped)
+    meta["peft"] = apply_peft(model, cfg, trainable=("head",))
     meta["trainable_fraction"] = trainable_fraction(model)
-    log.info("finetune: %s fine-tuning trains %.2f%% of the parameters", cfg.method, 100 * meta["trainable_fraction"])
+    log.info("finetune: %s trains %.2f%% of the parameters", meta["peft"], 100 * meta["trainable_fraction"])
     val_eval = val.spread(cfg.eval_batches * cfg.batch_size)
 
     def evaluate(m: GPTClassifier) -> dict[str, float]:

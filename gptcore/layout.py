@@ -30,6 +30,10 @@ class Workdir:
         return self.root / "finetune"
 
     @property
+    def sft(self) -> Path:
+        return self.root / "sft"
+
+    @property
     def eval(self) -> Path:
         return self.root / "eval"
 

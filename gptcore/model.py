@@ -270,6 +270,10 @@ class GPTClassifier(nn.Module):
 
     Inputs are right-padded, so causal attention already keeps padding out of every real
     position: the mask only tells which position to pool.
+
+    `prefix` (prefix-tuning, set by gptcore.peft) maps the batch size to a learned past, per
+    layer (B, H, P, D) keys and values that every token attends to. The prefix takes no
+    positions: the tokens keep 0..T-1, as in pretraining.
     """
 
     def __init__(self, gpt: GPT, num_classes: int):
@@ -278,13 +282,17 @@ class GPTClassifier(nn.Module):
         self.head = nn.Linear(gpt.cfg.n_embd, num_classes)
         nn.init.normal_(self.head.weight, mean=0.0, std=0.02)
         nn.init.zeros_(self.head.bias)
+        self.prefix: nn.Module | None = None
 
     def forward(
         self,
         idx: torch.Tensor,  # (B, T) right-padded token ids
         attention_mask: torch.Tensor,  # (B, T) 1 for real tokens
     ) -> torch.Tensor:  # (B, num_classes)
-        h, _ = self.gpt.hidden_states(idx)  # (B, T, C)
+        B, T = idx.shape
+        past = None if self.prefix is None else self.prefix(B)  # per layer (B, H, P, D) x 2
+        positions = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T), whatever P
+        h, _ = self.gpt.hidden_states(idx, position_ids=positions, past=past)  # (B, T, C)
         last = (attention_mask.sum(dim=1) - 1).clamp(min=0)  # (B,)
         pooled = h[torch.arange(h.shape[0], device=h.device), last]  # (B, C)
         return self.head(pooled)

@@ -18,6 +18,7 @@ from gptcore.config import (
     FinetuneConfig,
     ModelConfig,
     PipelineConfig,
+    SFTConfig,
     TokenizerConfig,
     TrainConfig,
 )
@@ -32,6 +33,8 @@ def default() -> PipelineConfig:
     return PipelineConfig(
         finetune=FinetuneConfig(max_steps=400, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=20,
                                 eval_interval=100, eval_batches=8, checkpoint_interval=400),
+        sft=SFTConfig(max_steps=300, batch_size=16, lr=1e-3, min_lr=1e-4, warmup_steps=20, eval_interval=100,
+                      log_interval=50, checkpoint_interval=300),
     )
 
 
@@ -45,6 +48,8 @@ def tiny() -> PipelineConfig:
         finetune=FinetuneConfig(max_steps=500, batch_size=32, lr=3e-3, min_lr=3e-4, warmup_steps=20,
                                 eval_interval=100, eval_batches=8, log_interval=100, checkpoint_interval=500,
                                 passage_tokens=64, patience=3),
+        sft=SFTConfig(max_steps=150, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=10, eval_interval=50,
+                      log_interval=50, checkpoint_interval=150, eval_conversations=200, max_new_tokens=24),
         evaluate=EvalConfig(max_new_tokens=24, max_eval_tokens=20_000),
     )
 
@@ -60,6 +65,8 @@ def gpu() -> PipelineConfig:
         finetune=FinetuneConfig(max_steps=1500, batch_size=64, lr=2e-4, min_lr=2e-5, warmup_steps=100,
                                 eval_interval=250, eval_batches=20, log_interval=50, checkpoint_interval=1500,
                                 passage_tokens=128),
+        sft=SFTConfig(max_steps=2000, batch_size=64, lr=2e-4, min_lr=2e-5, warmup_steps=100, eval_interval=250,
+                      log_interval=50, checkpoint_interval=1000, eval_conversations=2000),
         evaluate=EvalConfig(max_eval_tokens=2_000_000),
     )
 
@@ -79,6 +86,8 @@ def gpt2_124m() -> PipelineConfig:
         finetune=FinetuneConfig(max_steps=2000, batch_size=32, lr=1e-4, min_lr=1e-5, warmup_steps=100,
                                 eval_interval=250, eval_batches=20, log_interval=50, checkpoint_interval=1000,
                                 passage_tokens=256),
+        sft=SFTConfig(max_steps=2000, batch_size=32, lr=1e-4, min_lr=1e-5, warmup_steps=100, eval_interval=250,
+                      log_interval=50, checkpoint_interval=1000, eval_conversations=2000, max_new_tokens=128),
         evaluate=EvalConfig(max_eval_tokens=5_000_000),
     )
 

@@ -3,10 +3,14 @@
 Each registered version is a self-contained model package (ONNX graph, tokenizer, description)
 logged as artifacts of a `register_*` run, tagged with the data digest, tokenizer digest, git
 commit and config. A new version gets the alias `challenger`; the first version is champion.
-A classifier takes `champion` through the paired-bootstrap gate (`gptcore.promotion`) on the
-test examples both versions were evaluated on; the LM (and a classifier whose champion kept no
-predictions) when it beats the champion's stored test metric (bits per byte, lower is better;
-macro-F1, higher). The decision and its figures are tags on both versions.
+A version takes `champion` through a paired-bootstrap gate (`gptcore.promotion`) on the test
+examples both versions were evaluated on: the classifier's per-passage predictions, the LM's
+per-document bits per byte. Against a champion that kept no such evidence, it must beat the
+champion's stored test metric (bits per byte, lower is better; macro-F1, higher). The decision
+and its figures are tags on both versions.
+
+A classifier version also keeps the torch checkpoint its package was exported from (safetensors,
+model.json, tokenizer.json) under `checkpoint/` of its run, for `gptcore explain`.
 """
 
 from __future__ import annotations
@@ -18,21 +22,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gptcore.checkpoint import load_classifier
 from gptcore.config import RegistryConfig
-from gptcore.errors import ConfigError
+from gptcore.errors import ConfigError, InputError
 from gptcore.evaluate import read_eval
 from gptcore.export import load_export
-from gptcore.promotion import GateDecision, classifier_gate
+from gptcore.fsutil import sha256_file
+from gptcore.model import GPTClassifier
+from gptcore.promotion import GateDecision, classifier_gate, lm_gate
+from gptcore.runtime.package import model_version
 from gptcore.tracking import Tracking, source_tags, stage_run
 
 log = logging.getLogger("gptcore.registry")
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+CHECKPOINT_ARTIFACT, CHECKPOINT_TAG = "checkpoint", "gptcore.checkpoint_artifact"
+CHECKPOINT_FILES = ("model.safetensors", "model.json")  # never state.pt: readers stay pickle-free
 # kind -> (metric, direction, where the metric sits in the evaluation JSON)
 PROMOTION_METRIC = {
     "lm": ("test_bpb", "min", ("test", "bpb")),
     "classifier": ("test_macro_f1", "max", ("test", "macro_f1")),
 }
+# kind -> (the key of its per-example evidence in the evaluation's test section, the gate that pairs it)
+EVIDENCE = {"lm": ("documents", lm_gate), "classifier": ("predictions", classifier_gate)}
 
 
 @dataclass
@@ -82,7 +94,7 @@ def champion_predictions(tracking: Tracking, champion, out_dir: Path) -> Path | 
 
 
 def decide(tracking: Tracking, champion, metric: str, value: float, direction: str, predictions: Path | None,
-           examples_digest: str | None, gate: RegistryConfig) -> GateDecision:
+           examples_digest: str | None, gate: RegistryConfig, paired_gate=classifier_gate) -> GateDecision:
     """Promote or not: the paired gate where both versions have predictions, else the stored metric."""
     if champion is None:
         return GateDecision(True, "first version")
@@ -94,7 +106,7 @@ def decide(tracking: Tracking, champion, metric: str, value: float, direction: s
         with tempfile.TemporaryDirectory() as tmp:
             theirs = champion_predictions(tracking, champion, Path(tmp))
             if theirs is not None:
-                decision = classifier_gate(theirs, predictions, gate)
+                decision = paired_gate(theirs, predictions, gate)
                 decision.reason = f"against champion v{champion.version}: {decision.reason}"
                 return decision
     incumbent = champion.tags.get(f"gptcore.metric.{metric}")
@@ -102,6 +114,22 @@ def decide(tracking: Tracking, champion, metric: str, value: float, direction: s
     promoted = beats(value, incumbent, direction)
     return GateDecision(promoted, f"{metric} {value:.4f} {'beats' if promoted else 'does not beat'} champion "
                                   f"v{champion.version}'s {incumbent if incumbent is None else round(incumbent, 4)}")
+
+
+def source_checkpoint(meta: dict[str, Any]) -> Path | None:
+    """The classifier checkpoint a package was exported from, if it is still there unchanged."""
+    source = meta.get("checkpoint")
+    if meta["kind"] != "classifier" or source is None:
+        return None
+    directory = Path(source["dir"])
+    if not (directory / "model.safetensors").is_file():
+        log.warning("register: %s, the checkpoint the package was exported from, is gone: this version gets "
+                    "no torch checkpoint, so `gptcore explain` cannot explain it", directory)
+        return None
+    if sha256_file(directory / "model.safetensors") != source["weights_sha256"]:
+        raise InputError(f"{directory}: its weights changed since the package was exported from it "
+                         "(fine-tuned again?); run `gptcore export` again before registering")
+    return directory
 
 
 def register(
@@ -118,7 +146,8 @@ def register(
     metric, direction, (section, key) = PROMOTION_METRIC[meta["kind"]]
     evaluation = read_eval(eval_path)
     value = float(evaluation[section][key])
-    kept = evaluation[section].get("predictions")  # classifier: per-example predictions for the gate
+    evidence, paired_gate = EVIDENCE[meta["kind"]]
+    kept = evaluation[section].get(evidence)
     predictions = Path(eval_path).parent / kept["file"] if kept else None
     tags = {"gptcore.kind": meta["kind"], "gptcore.data_digest": meta["data_digest"],
             "gptcore.tokenizer_digest": meta["tokenizer_digest"], "gptcore.tokens_digest": meta.get("tokens_digest"),
@@ -129,9 +158,16 @@ def register(
         tags["gptcore.predictions_artifact"] = f"evaluation/{kept['file']}"
     if config is not None:
         tags["gptcore.config"] = json.dumps(config, sort_keys=True)[:5000]
+    checkpoint = source_checkpoint(meta)
+    if checkpoint is not None:
+        tags[CHECKPOINT_TAG] = CHECKPOINT_ARTIFACT
     client = tracking.client()
     with stage_run(tracking, f"register_{meta['kind']}", tags={"gptcore.data_digest": meta["data_digest"]}) as run:
         run.log_artifacts(package_dir, "model")
+        if checkpoint is not None:
+            for file in CHECKPOINT_FILES:  # not `name`: that is the registered model's
+                run.log_artifact(checkpoint / file, CHECKPOINT_ARTIFACT)
+            run.log_artifact(Path(package_dir) / "tokenizer.json", CHECKPOINT_ARTIFACT)
         if predictions is not None:
             run.log_artifact(str(predictions), "evaluation")
         try:
@@ -143,7 +179,7 @@ def register(
         client.set_registered_model_alias(name, CHALLENGER, version)
         champion = current_champion(client, name)
         decision = decide(tracking, champion, metric, value, direction, predictions,
-                          kept and kept["examples_digest"], gate)
+                          kept and kept["examples_digest"], gate, paired_gate)
         promoted, reason = decision.promote, decision.reason
         if promoted:
             client.set_registered_model_alias(name, CHAMPION, version)
@@ -156,6 +192,53 @@ def register(
         champion_version = version if promoted else champion.version
         run.log_metrics({metric: value, "promoted": float(promoted)})
         run.set_tags({"gptcore.registered_model": f"{name}/{version}", "gptcore.promotion": reason})
-    log.info("register: %s v%s (%s %.4f): %s; champion is v%s", name, version, metric, value,
-             "promoted" if promoted else "kept as challenger", champion_version)
+    log.info("register: %s v%s (%s %.4f): %s; champion is v%s (%s)", name, version, metric, value,
+             "promoted" if promoted else "kept as challenger", champion_version, reason)
     return RegisterResult(name, str(version), metric, value, str(champion_version), promoted, reason)
+
+
+def load_version_checkpoint(
+    uri: str | Path, tracking_uri: str | None = None, registry_uri: str | None = None,
+    tokenizer: str | Path | None = None,
+) -> tuple[GPTClassifier, dict[str, Any], Any]:
+    """(classifier, model.json, tokenizer) from the torch checkpoint behind a registered version
+    (`models:/NAME@ALIAS`, `models:/NAME/VERSION`) or in a local checkpoint directory.
+
+    Weights load from safetensors only. A registered checkpoint carries its tokenizer; a directory
+    without tokenizer.json takes `tokenizer` (a tokenizer.json), checked against the model's digest.
+    """
+    uri = str(uri)
+    if not uri.startswith("models:/"):
+        return _load_checkpoint_dir(Path(uri), tokenizer)
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
+    try:
+        version = model_version(client, uri)
+        what = f"{uri}: version {version.version} of {version.name!r}"
+        if (kind := version.tags.get("gptcore.kind")) != "classifier":
+            raise InputError(f"{what} is a {kind!r} model; explanations need a classifier")
+        if (artifact := version.tags.get(CHECKPOINT_TAG)) is None:
+            raise InputError(f"{what} has no torch checkpoint (tag {CHECKPOINT_TAG} missing: registered before "
+                             "checkpoints were kept, or its checkpoint was gone); register the classifier again")
+        with tempfile.TemporaryDirectory() as tmp:  # loaded into memory, so the download can go
+            return _load_checkpoint_dir(Path(download_artifacts(run_id=version.run_id, artifact_path=artifact,
+                                                                dst_path=tmp, tracking_uri=tracking_uri)), None)
+    except MlflowException as e:
+        raise InputError(f"{uri}: cannot be resolved: {e.message}") from None
+
+
+def _load_checkpoint_dir(directory: Path, tokenizer: str | Path | None) -> tuple[GPTClassifier, dict[str, Any], Any]:
+    from tokenizers import Tokenizer
+
+    if not directory.is_dir():
+        raise InputError(f"{directory}: no such checkpoint directory (or use models:/NAME@ALIAS or models:/NAME/VERSION)")
+    model, meta = load_classifier(directory)
+    path = directory / "tokenizer.json" if (directory / "tokenizer.json").is_file() else tokenizer
+    if path is None or not Path(path).is_file():
+        raise InputError(f"{directory}: no tokenizer.json here, and no tokenizer given ({path})")
+    if sha256_file(path) != meta["tokenizer_digest"]:
+        raise InputError(f"{path}: not the tokenizer {directory} was trained with (its digest differs)")
+    return model, meta, Tokenizer.from_file(str(path))

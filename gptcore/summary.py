@@ -9,7 +9,7 @@ from gptcore.tracking import TrackingSettings
 
 
 def pipeline_summary(*, workdir: Path, settings: TrackingSettings, seconds: float, data, tokens, pretrained,
-                     finetuned, lm_eval, cls_eval, lm_pkg, cls_pkg, lm_reg, cls_reg, scores) -> dict[str, Any]:
+                     finetuned, chat, lm_eval, cls_eval, chat_eval, lm_pkg, cls_pkg, lm_reg, cls_reg, scores) -> dict[str, Any]:
     majority = cls_eval.majority
     headline = {
         "lm_test_bpb": lm_eval.test["bpb"],
@@ -19,6 +19,9 @@ def pipeline_summary(*, workdir: Path, settings: TrackingSettings, seconds: floa
         "classifier_test_macro_f1": cls_eval.test["macro_f1"],
         "classifier_test_macro_f1_ci": cls_eval.test["ci"]["macro_f1"],
         "classifier_test_ece": cls_eval.test["ece"],
+        "chat_test_response_bpb": chat_eval.tuned["response_bpb"],
+        "chat_base_test_response_bpb": chat_eval.base["response_bpb"],
+        "chat_test_response_bpb_gain_ci": chat_eval.bpb_gain_ci,
         "majority_test_accuracy": majority["accuracy"],
         "majority_test_macro_f1": majority["macro_f1"],
         "lm_parity_max_abs_logit_diff": lm_pkg.parity["max_abs_logit_diff"],
@@ -44,6 +47,10 @@ def pipeline_summary(*, workdir: Path, settings: TrackingSettings, seconds: floa
                                      f"{headline['classifier_test_macro_f1_ci'][0]:.4f}-"
                                      f"{headline['classifier_test_macro_f1_ci'][1]:.4f}; majority "
                                      f"{headline['majority_test_macro_f1']:.4f}); ECE {headline['classifier_test_ece']:.4f}"),
+        ("chat SFT response bits/byte", f"{headline['chat_test_response_bpb']:.4f} vs base "
+                                        f"{headline['chat_base_test_response_bpb']:.4f} (gain 95% CI "
+                                        f"{chat_eval.bpb_gain_ci[0]:.4f}-{chat_eval.bpb_gain_ci[1]:.4f}; "
+                                        f"{chat.steps} steps, samples {chat_eval.samples_path})"),
         ("ONNX parity", f"LM max |dlogit| {headline['lm_parity_max_abs_logit_diff']:.1e}, greedy "
                         f"{headline['lm_parity_greedy_tokens_equal']}/{lm_pkg.parity['greedy_tokens']} equal; classifier "
                         f"max |dlogit| {headline['classifier_parity_max_abs_logit_diff']:.1e}"),
@@ -59,3 +66,11 @@ def pipeline_summary(*, workdir: Path, settings: TrackingSettings, seconds: floa
     return {"seconds": seconds, "workdir": str(workdir), "tracking_uri": settings.tracking_uri, "headline": headline,
             "models": models, "scores_path": scores.output_path, "scores_rows": scores.rows, "text": text,
             "markdown": markdown}
+
+
+def promotion_markdown(registrations) -> str:
+    """The registry decisions of one run as a markdown table (a Prefect artifact)."""
+    rows = [f"| {r.name} | v{r.version} | {r.metric} {r.value:.4f} | {'promoted' if r.promoted else 'challenger'} | "
+            f"v{r.champion_version} | {r.reason.replace('|', '/')} |" for r in registrations]
+    return ("# Promotion decisions\n\n| model | version | metric | decision | champion | reason |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(rows))

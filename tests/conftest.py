@@ -92,3 +92,14 @@ def classifier_package(trained):
 
     return export_classifier_onnx(ExportConfig(), trained["ft"], trained["data"], trained["tokenizer"],
                                   trained["root"] / "clf")
+
+
+@pytest.fixture
+def restore_gptcore_logger():
+    """main() sets up console logging on the 'gptcore' logger; leave it as other tests expect."""
+    import logging
+
+    logger = logging.getLogger("gptcore")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved

@@ -8,18 +8,10 @@ import pytest
 from gptcore.cli import build_parser, main
 from tests.conftest import write_labelled_corpus
 
-@pytest.fixture(autouse=True)
-def restore_gptcore_logger():
-    """main() sets up console logging on the 'gptcore' logger; leave it as other tests expect."""
-    import logging
-
-    logger = logging.getLogger("gptcore")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
+pytestmark = pytest.mark.usefixtures("restore_gptcore_logger")  # main() sets up console logging
 
 
-VERBS = ["pipeline", "ingest", "tokenizer", "pretrain", "finetune", "evaluate", "export", "register", "generate", "score"]
+VERBS = ["pipeline", "ingest", "tokenizer", "pretrain", "finetune", "sft", "evaluate", "export", "register", "generate", "score", "explain"]
 
 
 def test_every_stage_has_a_verb():

@@ -85,3 +85,25 @@ def test_class_weights_are_used_and_logged(small_corpus, pretrained, tmp_path, c
                       small_corpus["tokenizer"], tmp_path / "ft")
     assert result.steps == 20
     assert any("class weights {'land'" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_a_users_file_with_integer_labels_keeps_its_class_names(fmt, small_corpus, pretrained, tmp_path):
+    """A labelled CSV or Parquet file as users have them: integer labels, classes in numeric order."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    from gptcore.config import IngestConfig
+    from gptcore.data.ingest import ingest
+
+    table = pq.read_table(small_corpus["data"] / "train.parquet", columns=["text", "label"])
+    codes = pa.array([10 if label == "land" else 2 for label in table.column("label").to_pylist()], pa.int64())
+    users = pa.table({"text": table.column("text"), "label": codes})
+    source = tmp_path / f"labelled.{fmt}"
+    pacsv.write_csv(users, source) if fmt == "csv" else pq.write_table(users, source)
+    ingest(IngestConfig(sources=[str(source)], metadata_fields=["label"], val_fraction=0.2, test_fraction=0.2),
+           tmp_path / "data")
+    result = finetune(ft_cfg(max_steps=40), pretrained, tmp_path / "data", small_corpus["tokenizer"], tmp_path / "ft")
+    assert result.labels == ["2", "10"]  # numeric order, not "10" < "2"
+    report = evaluate_classifier(tmp_path / "ft", tmp_path / "data", small_corpus["tokenizer"], tmp_path / "eval")
+    assert report.test["labels"] == ["2", "10"] and report.test["macro_f1"] > report.majority["macro_f1"]

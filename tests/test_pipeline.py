@@ -43,6 +43,8 @@ def test_tiny_pipeline_end_to_end(prefect_server, tmp_path, monkeypatch):
     assert h["classifier_parity_max_abs_logit_diff"] < 1e-3
     assert h["lm_test_bpb"] < h["lm_unigram_test_bpb"]
     assert h["classifier_test_macro_f1"] > h["majority_test_macro_f1"]
+    assert h["chat_test_response_bpb"] < h["chat_base_test_response_bpb"]
+    assert (workdir / "eval" / "sft_samples.md").read_text().count("## Prompt") == 4
 
     test_docs = pq.read_metadata(workdir / "data" / "test.parquet").num_rows
     scores = pq.read_table(summary["scores_path"])
@@ -55,7 +57,8 @@ def test_tiny_pipeline_end_to_end(prefect_server, tmp_path, monkeypatch):
     parent = [r for r in runs if r.data.tags.get("gptcore.stage") == "pipeline"]
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
     children = {r.data.tags["gptcore.stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id}
-    assert children == {"ingest", "tokenizer", "pretrain", "finetune", "evaluate_lm", "evaluate_classifier",
+    assert children == {"ingest", "tokenizer", "pretrain", "finetune", "sft", "evaluate_lm", "evaluate_classifier",
+                        "evaluate_sft",
                         "export_lm", "export_classifier", "register_lm", "register_classifier", "score"}
     assert Path(workdir / "eval" / "samples.txt").read_text().count("--- prompt") == 3
 
@@ -63,6 +66,18 @@ def test_tiny_pipeline_end_to_end(prefect_server, tmp_path, monkeypatch):
     messages = prefect_logs(state.state_details.flow_run_id)
     assert any("pretrain: step" in m and "ETA" in m for m in messages)
     assert any(m.startswith("register: gptcore-classifier v1") for m in messages)
+    artifacts = prefect_artifacts(state.state_details.flow_run_id)
+    assert "first version" in artifacts["gptcore-promotion"] and "gptcore-classifier" in artifacts["gptcore-promotion"]
+    assert artifacts["gptcore-chat-samples"].count("## Prompt") == 4
+
+
+def prefect_artifacts(flow_run_id) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a.data for a in found}
 
 
 def prefect_logs(flow_run_id) -> list[str]:

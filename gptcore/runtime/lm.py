@@ -92,6 +92,15 @@ class OnnxLM:
         logits, _ = self.step(ids, positions, np.ones((B, T), dtype=np.int64), self.empty_cache(B))
         return logits
 
+    def nats(self, ids: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """(B, T) ids and their next-token targets (-1: not scored) -> (B, T) NLL in nats, 0 where not scored."""
+        logits = self.forward_logits(ids)
+        peak = logits.max(axis=-1, keepdims=True)
+        log_z = (np.log(np.exp(logits - peak).sum(axis=-1)) + peak[..., 0]).astype(np.float64)
+        scored = targets >= 0
+        picked = np.take_along_axis(logits, np.where(scored, targets, 0)[..., None], axis=-1)[..., 0]
+        return np.where(scored, log_z - picked, 0.0)
+
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 1.0,
                      top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                      stop_at_eos: bool = True) -> list[int]:

@@ -101,14 +101,19 @@ def download_package(uri: str, tracking_uri: str | None, registry_uri: str | Non
         # A models:/ URI handed to download_artifacts also drops MLflow's registered_model_meta
         # file into the package; downloading the version's source gives exactly the package.
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
-        name, _, alias = uri[len("models:/") :].partition("@")
-        if alias:
-            version = str(client.get_model_version_by_alias(name, alias).version)
-        else:
-            name, _, version = name.partition("/")
-            if not name or not version:
-                raise InputError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-        source = client.get_model_version_download_uri(name, version)
+        version = model_version(client, uri)
+        source = client.get_model_version_download_uri(version.name, version.version)
         return Path(download_artifacts(artifact_uri=source, tracking_uri=tracking_uri))
     except MlflowException as e:
         raise InputError(f"{uri}: cannot be resolved: {e.message}") from None
+
+
+def model_version(client, uri: str):
+    """The registered version (an MLflow ModelVersion) that `models:/NAME@ALIAS` or `models:/NAME/VERSION` names."""
+    name, _, alias = uri[len("models:/") :].partition("@")
+    if alias:
+        return client.get_model_version_by_alias(name, alias)
+    name, _, version = name.partition("/")
+    if not name or not version:
+        raise InputError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    return client.get_model_version(name, version)
