@@ -23,7 +23,7 @@ from gptcore.checkpoint import load_lm
 from gptcore.config import SFTConfig
 from gptcore.data.shards import token_byte_lengths
 from gptcore.fsutil import atomic_file, write_json
-from gptcore.metrics import bits_per_byte
+from gptcore.metrics import bits_per_byte, paired_bpb_bootstrap
 from gptcore.model import GPT
 from gptcore.sft import chat_model, conversations, load_sft, spread, target_nats
 from gptcore.tokenizer import PAD
@@ -64,18 +64,6 @@ def score_responses(model: GPT, ids: np.ndarray, loss: np.ndarray, owner: np.nda
     return ResponseScores(np.bincount(owner[text], weights=nats[text], minlength=n),
                           np.bincount(owner[text], weights=byte_lengths[targets[text]], minlength=n),
                           float(nats.mean()))
-
-
-def paired_bpb_gain(base: ResponseScores, tuned: ResponseScores, resamples: int = 1000, seed: int = 0) -> list[float]:
-    """95% interval of base bpb minus fine-tuned bpb, resampling conversations (both models on each draw)."""
-    rng = np.random.default_rng(seed)
-    n = len(base.nats)
-    draws = []
-    for _ in range(resamples):
-        idx = rng.integers(0, n, n)
-        n_bytes = tuned.n_bytes[idx].sum()
-        draws.append((base.nats[idx].sum() - tuned.nats[idx].sum()) / np.log(2) / max(n_bytes, 1))
-    return [float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))]
 
 
 def answer(model: GPT, tok, prompt: list[int], cfg: SFTConfig, seed: int, end_id: int) -> str:
@@ -134,7 +122,7 @@ def evaluate_sft(
         scores[name] = score_responses(model, ids, loss, owner, byte_lengths, end_id)
     figures = {name: {"response_loss": s.loss, "response_bpb": s.bpb} for name, s in scores.items()}
     gain = figures["base"]["response_bpb"] - figures["tuned"]["response_bpb"]
-    ci = paired_bpb_gain(scores["base"], scores["tuned"])
+    ci = paired_bpb_bootstrap(scores["base"].nats, scores["tuned"].nats, scores["tuned"].n_bytes)["reduction"]["ci"]
     pairs = []
     for i, conversation in enumerate(spread(held_out, cfg.samples)):
         prompt = prompt_ids(conversation, tok, chat_ids)
