@@ -1,11 +1,12 @@
 """`gptcore`: one verb per stage, each calling the same function the Prefect flow calls.
 
-    gptcore pipeline  [--preset tiny] [--config FILE] [--workdir DIR]   the whole Prefect flow
+    gptcore pipeline  [--preset tiny] [--config FILE] [--workdir DIR] [--fresh]   the whole Prefect flow
     gptcore ingest | tokenizer | pretrain [--resume] | finetune [--resume] | sft [--resume] | evaluate | export
     gptcore register
     gptcore generate --model URI --prompt TEXT      gptcore score --model URI --input F --output F
     gptcore evaluate --model URI [--model URI ...] --data FILE    versions side by side on one file
     gptcore explain --model URI --text TEXT [--steps N] [--html OUT.html]
+    gptcore serve --model URI [--model URI] [--host H] [--port P]   HTTP API (token: $GPTCORE_SERVE_TOKEN)
 
 Stage verbs read and write the standard places inside --workdir (see gptcore/layout.py), so
 `gptcore ingest && gptcore tokenizer && gptcore pretrain ...` is the pipeline by hand.
@@ -42,7 +43,7 @@ def _print(result) -> None:
 def cmd_pipeline(args, cfg: PipelineConfig) -> None:
     from flows.pipeline import run_pipeline
 
-    run_pipeline(args.preset, args.config, args.workdir, args.mlflow_config)
+    run_pipeline(args.preset, args.config, args.workdir, args.mlflow_config, fresh=args.fresh)
 
 
 def cmd_ingest(args, cfg: PipelineConfig) -> None:
@@ -138,7 +139,8 @@ def cmd_register(args, cfg: PipelineConfig) -> None:
 def cmd_generate(args, cfg: PipelineConfig) -> None:
     from gptcore.runtime import OnnxLM, load_model
 
-    model = load_model(args.model, device=args.device, tracking_uri=load_settings(args.workdir, args.mlflow_config).tracking_uri)
+    model = load_model(args.model, device=args.device, threads=args.threads, variant=args.variant,
+                       tracking_uri=load_settings(args.workdir, args.mlflow_config).tracking_uri)
     if not isinstance(model, OnnxLM):
         raise GptcoreError(f"{args.model}: is a classifier; `generate` needs a language model")
     text = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -147,9 +149,23 @@ def cmd_generate(args, cfg: PipelineConfig) -> None:
 
 
 def cmd_score(args, cfg: PipelineConfig) -> None:
+    from dataclasses import replace
+
     from gptcore.score import score
 
-    _print(score(args.model, args.input, args.output, args.text_field, _tracking(args), args.batch_size, args.device))
+    score_cfg = cfg.score if args.batch_size is None else replace(cfg.score, batch_size=args.batch_size)
+    _print(score(args.model, args.input, args.output, args.text_field, _tracking(args), score_cfg, args.device))
+
+
+def cmd_serve(args, cfg: PipelineConfig) -> None:
+    from gptcore.runtime.server import TOKEN_ENV, ServeConfig, ServeLimits, serve
+
+    settings = load_settings(args.workdir, args.mlflow_config)
+    limits = ServeLimits(args.max_concurrency, args.max_queue, args.max_prompt_tokens, args.max_new_tokens,
+                         args.max_batch)
+    config = ServeConfig(args.model, limits, args.device, args.threads, args.variant, args.reload_interval,
+                         settings.tracking_uri, settings.registry_uri)
+    serve(config, args.host, args.port, os.environ.get(TOKEN_ENV) or None)
 
 
 def cmd_explain(args, cfg: PipelineConfig) -> None:
@@ -177,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
-    verb("pipeline", cmd_pipeline, "run the whole pipeline as a Prefect flow")
+    p = verb("pipeline", cmd_pipeline, "run the whole pipeline as a Prefect flow")
+    p.add_argument("--fresh", action="store_true",
+                   help="run every stage, even those an earlier run completed with the same inputs")
     verb("ingest", cmd_ingest, "read, clean and split the corpus")
     verb("tokenizer", cmd_tokenizer, "train the BPE tokenizer and encode the splits")
     for name, fn in (("pretrain", cmd_pretrain), ("finetune", cmd_finetune), ("sft", cmd_sft)):
@@ -206,13 +224,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--variant", default="auto", choices=["auto", "fp32", "fp16", "int8"],
+                   help="precision variant of the package (auto: fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: ONNX Runtime's)")
     p = verb("score", cmd_score, "classify a file of texts with an ONNX classifier into Parquet")
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a package directory")
     p.add_argument("--input", required=True, help=".parquet, .jsonl or .csv with a text column")
     p.add_argument("--output", required=True, help="Parquet file to write")
     p.add_argument("--text-field", default="text")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, help="texts per ONNX Runtime call (default: score.batch_size of the config)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p = verb("serve", cmd_serve, "serve a language model and/or a classifier over HTTP (bearer token from "
+             "$GPTCORE_SERVE_TOKEN)")
+    p.add_argument("--model", action="append", required=True, help="models:/NAME@ALIAS (followed as the alias "
+                   "moves), models:/NAME/VERSION or a package directory; repeat for an LM and a classifier")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; beyond loopback only with a token "
+                   "(default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per model (default: all cores)")
+    p.add_argument("--variant", default="auto", choices=["auto", "fp32", "fp16", "int8"],
+                   help="the package's precision variant (default: fp16 on CUDA where present, else fp32)")
+    p.add_argument("--max-concurrency", type=int, default=4, help="model calls running at once (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=32, help="requests waiting for a model call; beyond: 429 "
+                   "(default: %(default)s)")
+    p.add_argument("--max-prompt-tokens", type=int, default=1024, help="default: %(default)s")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="default: %(default)s")
+    p.add_argument("--max-batch", type=int, default=32, help="texts per /v1/classify request (default: %(default)s)")
+    p.add_argument("--reload-interval", type=float, default=30.0, help="seconds between registry polls of a "
+                   "models:/NAME@ALIAS model; 0: never reload (default: %(default)s)")
     p = verb("explain", cmd_explain, "per-token attributions (integrated gradients) of the torch classifier for one text")
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint directory "
                    "(one without tokenizer.json uses the workdir's tokenizer)")

@@ -336,10 +336,23 @@ class ExportConfig:
     """Largest allowed |logit difference| between ONNX Runtime and PyTorch."""
     parity_tokens: int = 32
     """Greedy tokens that must match exactly between ONNX Runtime and PyTorch."""
+    optimize: bool = True
+    """Fuse attention, LayerNorm and GELU into ONNX Runtime's fused ops (onnxscript's ORT fusions)."""
+    variants: list[str] = field(default_factory=lambda: ["fp16", "int8"])
+    """Precision variants to add beside fp32: fp16 (for CUDA) and int8 (8-bit weights for CPU)."""
+    min_agreement_fp16: float = 0.98
+    """The fp16 variant is kept only if its argmax agrees with PyTorch fp32's on this share of
+    validation positions (teacher-forced: both read the same text)."""
+    min_agreement_int8: float = 0.90
+    """...and the int8 variant on this share."""
 
     def __post_init__(self) -> None:
         _positive(self, "parity_atol", "parity_tokens")
         _check(self.opset >= 17, "opset", f"must be >= 17 (LayerNormalization), got {self.opset}")
+        unknown = sorted(set(self.variants) - {"fp16", "int8"})
+        _check(not unknown, "variants", f"unknown {unknown}; choose among fp16, int8 (fp32 is always exported)")
+        for name in ("min_agreement_fp16", "min_agreement_int8"):
+            _check(0 <= getattr(self, name) <= 1, name, f"must be in [0, 1], got {getattr(self, name)}")
 
 
 @dataclass
@@ -368,6 +381,21 @@ class RegistryConfig:
 
 
 @dataclass
+class ScoreConfig:
+    chunk_rows: int = 10_000
+    """Rows per chunk of a batch-scoring run: memory holds one chunk, each chunk's predictions go to
+    their own part file, and an interrupted run resumes from the last finished chunk."""
+    batch_size: int = 64
+    """Texts per ONNX Runtime call."""
+    drift_threshold: float = 0.25
+    """Flag drift when the population stability index of the predicted labels, or of the confidences,
+    against the model's own test-set predictions exceeds this (0.25: the usual line of a major shift)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "chunk_rows", "batch_size", "drift_threshold")
+
+
+@dataclass
 class PipelineConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -378,6 +406,7 @@ class PipelineConfig:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
 
     def __post_init__(self) -> None:
         _check(self.finetune.passage_tokens <= self.model.block_size, "finetune.passage_tokens",

@@ -4,7 +4,9 @@ each beside a baseline.
 
 Output: OUT/lm_eval.json + OUT/samples.txt + OUT/lm_doc_bpb.npz (each test document's figures), and
 OUT/classifier_eval.json + OUT/confusion_matrix.png + OUT/attributions.html (integrated gradients
-on a fixed sample of test passages, `gptcore.explain`).
+on a fixed sample of test passages, `gptcore.explain`) + OUT/classifier_predictions.npz (each test
+passage's probabilities: the promotion gate's evidence) + OUT/classifier_scoring_reference.npz
+(each test document's probabilities as batch scoring reads it: the drift monitor's reference).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from gptcore.explain import explain_sample
 from gptcore.finetune import load_finetuned, make_passages, predict
 from gptcore.fsutil import atomic_file, read_stage_output, write_json
 from gptcore.metrics import bits_per_byte, bootstrap_intervals, classification_report, majority_baseline, unigram_nats
-from gptcore.model import GPT
+from gptcore.model import GPT, GPTClassifier
 from gptcore.pretrain import load_pretrained
+from gptcore.runtime.classifier import first_block
 from gptcore.data.shards import token_byte_lengths
 from gptcore.tokenizer import EOT, PAD, load_tokenized, load_tokenizer, read_tokens
 from gptcore.tracking import Tracking, stage_run
@@ -210,6 +213,24 @@ def save_predictions(path: Path, examples, probs: np.ndarray) -> dict:
     return {"file": path.name, "examples": len(examples.labels), "examples_digest": h.hexdigest()}
 
 
+SCORING_REFERENCE_FILE = "classifier_scoring_reference.npz"
+
+
+def save_scoring_reference(path: Path, model: GPTClassifier, data_dir: str | Path, tok, batch_size: int) -> dict:
+    """Every test document's class probabilities as batch scoring reads it: its `first_block`, not
+    the passages the report is over (the drift monitor compares a scoring run's predictions with
+    these, `gptcore.monitoring`). In torch: the export's parity check keeps the ONNX graph to the
+    same figures. npz, read back without pickle."""
+    texts = read_split(data_dir, "test", ["text"]).column("text").to_pylist()
+    eot, block_size = tok.token_to_id(EOT), model.gpt.cfg.block_size
+    blocks = [first_block(enc.ids, block_size, eot) for enc in tok.encode_batch(texts, add_special_tokens=False)]
+    probs = predict(model, blocks, tok.token_to_id(PAD), batch_size)
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, probs=probs.astype(np.float64))
+    return {"file": path.name, "documents": len(blocks)}
+
+
 def interval(bounds: list[float]) -> str:
     return f"[95% CI {bounds[0]:.4f}, {bounds[1]:.4f}]"
 
@@ -235,10 +256,12 @@ def evaluate_classifier(
     labels, field, length = meta["labels"], meta["label_field"], meta["passage_tokens"]
     train, _ = make_passages(data_dir, "train", field, tok, length, labels)
     test, _ = make_passages(data_dir, "test", field, tok, length, labels)
-    probs = predict(model, test, tok.token_to_id(PAD), batch_size)
+    probs = predict(model, test.ids, tok.token_to_id(PAD), batch_size)
     report = classification_report(test.labels, probs, labels) | {"ci": bootstrap_intervals(test.labels, probs, labels)}
     out_dir = Path(out_dir)
     report["predictions"] = save_predictions(out_dir / PREDICTIONS_FILE, test, probs)
+    report["scoring_reference"] = save_scoring_reference(out_dir / SCORING_REFERENCE_FILE, model, data_dir, tok,
+                                                         batch_size)
     baseline = majority_baseline(train.labels, test.labels, labels)
     result = ClassifierEvalResult(str(out_dir / "classifier_eval.json"), str(out_dir / "confusion_matrix.png"),
                                   str(out_dir / "attributions.html"), report, baseline)
@@ -262,6 +285,7 @@ def evaluate_classifier(
         run.log_artifact(result.confusion_path)
         run.log_artifact(result.attributions_path)
         run.log_artifact(str(out_dir / PREDICTIONS_FILE))
+        run.log_artifact(str(out_dir / SCORING_REFERENCE_FILE))
     return result
 
 

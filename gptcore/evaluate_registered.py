@@ -11,11 +11,15 @@ every row's bits per byte, each row a document scored as the evaluation stage sc
 documents (`gptcore.doc_bpb`). Bits per byte does not depend on the tokenizer, so language
 models with different tokenizers compare too. A classifier reads each row's first block_size
 tokens, as `gptcore score` does.
+
+`promote_version` acts on such a comparison: a registered version takes the `champion` alias
+from the current champion only when it passes the gate on the given labelled file.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
 
@@ -179,3 +183,58 @@ def log_report(tracking: Tracking | None, report: dict, main: str) -> None:
                 metrics |= dict(zip((f"model{i}_{main}_ci_low", f"model{i}_{main}_ci_high"), c["figures"][main]["ci"]))
         run.log_metrics(metrics)
         run.log_dict(report, "evaluate_versions.json")
+
+
+@dataclass
+class Promotion:
+    """What `promote_version` decided: the champion's version before and after, and why."""
+
+    name: str
+    version: str
+    champion_before: str | None
+    champion: str
+    promoted: bool
+    reason: str
+
+
+def promote_version(
+    name: str, version: str | int, data: str | Path, tracking: Tracking, text_field: str = "text",
+    label_field: str = "label", gate: RegistryConfig | None = None, output: str | Path | None = None,
+    device: str = "auto",
+) -> Promotion:
+    """Evaluate version `version` of registered model `name` against its champion on `data`, and move
+    the `champion` alias to it only if it passes the promotion gate there.
+
+    The decision goes on record on both versions as a registration's does (`registry.apply_decision`);
+    the evaluation report is logged to `tracking` and written to `output` when given.
+    """
+    from mlflow.exceptions import MlflowException
+
+    # registry imports torch (it keeps classifier checkpoints); evaluation alone stays torch-free.
+    from gptcore.registry import apply_decision, current_champion
+
+    client = tracking.client()
+    version = str(version)
+    try:
+        client.get_model_version(name, version)
+    except MlflowException as e:
+        raise InputError(f"models:/{name}/{version}: no such registered version ({e.message})") from None
+    champion = current_champion(client, name)
+    before = None if champion is None else str(champion.version)
+    if before == version:
+        return Promotion(name, version, before, before, False, f"v{version} is already the champion")
+    if champion is None:
+        decision = GateDecision(True, "no champion yet")
+    else:
+        uris = [f"models:/{name}/{before}", f"models:/{name}/{version}"]
+        report = evaluate_versions(uris, data, text_field, label_field, output=output, tracking=tracking,
+                                   tracking_uri=tracking.settings.tracking_uri,
+                                   registry_uri=tracking.settings.registry_uri, gate=gate, device=device)
+        comparison = report["comparisons"][0]
+        decision = GateDecision(comparison["promote"], f"on {data}, against champion v{before}: "
+                                                       f"{comparison['reason']}", comparison["figures"])
+    apply_decision(client, name, version, champion, decision)
+    result = Promotion(name, version, before, version if decision.promote else before, decision.promote,
+                       decision.reason)
+    log.info("promote: %s v%s: %s; champion is v%s", name, version, decision.reason, result.champion)
+    return result

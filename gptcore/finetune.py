@@ -140,12 +140,12 @@ def classification_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...],
 
 
 @torch.no_grad()
-def predict(model: GPTClassifier, passages: Passages, pad_id: int, batch_size: int) -> np.ndarray:
-    """Class probabilities (N, K) for every passage."""
+def predict(model: GPTClassifier, sequences: list[list[int]], pad_id: int, batch_size: int) -> np.ndarray:
+    """Class probabilities (N, K) for every sequence of token ids (passages, or texts as scoring reads them)."""
     device = next(model.parameters()).device
     probs = []
-    for i in range(0, len(passages), batch_size):
-        ids, mask = pad_right(passages.ids[i : i + batch_size], pad_id)
+    for i in range(0, len(sequences), batch_size):
+        ids, mask = pad_right(sequences[i : i + batch_size], pad_id)
         probs.append(F.softmax(model(ids.to(device), mask.to(device)).float(), dim=-1).cpu().numpy())
     return np.concatenate(probs)
 
@@ -192,7 +192,7 @@ def finetune(
     val_eval = val.spread(cfg.eval_batches * cfg.batch_size)
 
     def evaluate(m: GPTClassifier) -> dict[str, float]:
-        report = classification_report(val_eval.labels, predict(m, val_eval, pad_id, cfg.batch_size), labels)
+        report = classification_report(val_eval.labels, predict(m, val_eval.ids, pad_id, cfg.batch_size), labels)
         return {"val_macro_f1": report["macro_f1"], "val_accuracy": report["accuracy"]}
 
     tags = {"gptcore.data_digest": pretrained.data_digest, "gptcore.tokenizer_digest": pretrained.tokenizer_digest}

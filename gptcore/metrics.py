@@ -162,3 +162,22 @@ def unigram_nats(train_counts: np.ndarray, targets: np.ndarray) -> float:
     counts = np.asarray(train_counts, dtype=np.float64) + 1.0
     log_p = np.log(counts / counts.sum())
     return float(-log_p[np.asarray(targets, dtype=np.int64)].sum())
+
+
+def population_stability_index(expected: np.ndarray, actual: np.ndarray, eps: float = 1e-4) -> float:
+    """How far the distribution `actual` moved from `expected`: both counts (or shares) over the same bins.
+
+        PSI = sum_i (a_i - e_i) * ln(a_i / e_i)
+
+    where a_i and e_i are bin i's shares of each, a share below `eps` counting as `eps` (an empty
+    bin would make the logarithm infinite). PSI is 0 for identical distributions and symmetric in
+    the two. The usual reading: below 0.1 stable, 0.1 to 0.25 a moderate shift, above 0.25 a major one.
+    """
+    expected, actual = (np.asarray(x, dtype=np.float64) for x in (expected, actual))
+    if expected.shape != actual.shape or expected.ndim != 1:
+        raise ValueError(f"expected and actual must be 1-D over the same bins, got {expected.shape} and {actual.shape}")
+    if (expected < 0).any() or (actual < 0).any() or expected.sum() <= 0 or actual.sum() <= 0:
+        raise ValueError("expected and actual must be non-negative with a positive total")
+    e = np.maximum(expected / expected.sum(), eps)
+    a = np.maximum(actual / actual.sum(), eps)
+    return float(np.sum((a - e) * np.log(a / e)))

@@ -3,6 +3,10 @@
 Runs are driven through `MlflowClient` with explicit run ids rather than MLflow's fluent
 "active run", which is per thread: Prefect may run a task on another thread than its flow.
 A stage given no `Tracking` logs nothing, so every stage is testable with tracking off.
+
+Metrics survive a tracking server outage: while MLflow is unreachable they wait in memory and
+go out with the next call that gets through, or at the end of the stage, which raises only then,
+after the stage has written its outputs (a training stage's checkpoints among them).
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ import json
 import logging
 import os
 import subprocess
+import sys
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gptcore.errors import ConfigError
+from gptcore.errors import ConfigError, GptcoreError
 
 log = logging.getLogger("gptcore.tracking")
 
@@ -88,12 +94,61 @@ class Tracking:
         return client.create_experiment(self.settings.experiment, artifact_location=location)
 
 
+class TrackingUnavailable(GptcoreError):
+    """MLflow stayed unreachable until the end of a stage: some of its metrics are not logged."""
+
+
+def is_transient(error: BaseException | None) -> bool:
+    """Whether an error (or one it was raised from) is a network or server hiccup worth retrying.
+
+    Connection failures and timeouts, HTTP 5xx and 429 answers, and MlflowExceptions whose
+    status is 5xx (MLflow reports an unreachable server as one); not 4xx, bad input or bugs.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (ConnectionError, TimeoutError, TrackingUnavailable)) or _is_network_error(error):
+            return True
+        status = _http_status(error)
+        if status is not None and (status >= 500 or status == 429):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _is_network_error(error: BaseException) -> bool:
+    # Only libraries already imported can have raised their errors.
+    requests, httpx = sys.modules.get("requests"), sys.modules.get("httpx")
+    return bool((requests and isinstance(error, (requests.ConnectionError, requests.Timeout)))
+                or (httpx and isinstance(error, httpx.TransportError)))
+
+
+def _http_status(error: BaseException) -> int | None:
+    mlflow_exceptions = sys.modules.get("mlflow.exceptions")
+    if mlflow_exceptions and isinstance(error, mlflow_exceptions.MlflowException):
+        return error.get_http_status_code()
+    status = getattr(getattr(error, "response", None), "status_code", None)  # requests, httpx, huggingface_hub
+    return status if isinstance(status, int) else None
+
+
 class StageRun:
     """The logging surface of one stage; with `run_id` None every call is a no-op."""
 
-    def __init__(self, client: Any, run_id: str | None):
+    # After a failed send, metrics are only kept until this many seconds have passed (doubling
+    # with each failure, up to the cap): while the server is down, a training step does not wait
+    # on MLflow's own retries every time it logs.
+    RETRY_AFTER_S = 30.0
+    MAX_RETRY_AFTER_S = 600.0
+    MAX_METRICS_PER_BATCH = 1000  # MLflow's limit on one log_batch
+
+    def __init__(self, client: Any, run_id: str | None, label: str = "MLflow"):
         self.client = client
         self.run_id = run_id
+        self.label = label  # for messages: the stage and the tracking URI
+        self.pending: list[Any] = []  # Metric entities not yet accepted by MLflow, oldest first
+        self.failures = 0
+        self.next_attempt = 0.0  # time.monotonic() before which a send is not tried again
+        self.last_error: BaseException | None = None
 
     @property
     def enabled(self) -> bool:
@@ -111,15 +166,47 @@ class StageRun:
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log now; while MLflow is unreachable, keep them (with their time and step) for the next send."""
         if not self.enabled:
             return
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=items)
+        self.pending += [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        if time.monotonic() >= self.next_attempt:
+            self.send_pending()
+
+    def send_pending(self) -> bool:
+        """Send the kept metrics, oldest first; False if MLflow is unreachable (errors of other kinds raise)."""
+        sent = 0
+        try:
+            while self.pending:
+                batch = self.pending[: self.MAX_METRICS_PER_BATCH]
+                self.client.log_batch(self.run_id, metrics=batch)
+                del self.pending[: len(batch)]
+                sent += len(batch)
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            self.failures += 1
+            self.last_error = e
+            wait = min(self.RETRY_AFTER_S * 2 ** (self.failures - 1), self.MAX_RETRY_AFTER_S)
+            self.next_attempt = time.monotonic() + wait
+            log.warning("%s unreachable (%s: %s): keeping %d metric values of run %s to send later (next try in %.0fs)",
+                        self.label, type(e).__name__, e, len(self.pending), self.run_id, wait)
+            return False
+        if self.failures:
+            log.info("%s reachable again: sent the %d metric values kept for run %s", self.label, sent, self.run_id)
+            self.failures, self.next_attempt, self.last_error = 0, 0.0, None
+        return True
+
+    def flush(self) -> None:
+        """Send every kept metric now; TrackingUnavailable if MLflow is still unreachable."""
+        if self.enabled and self.pending and not self.send_pending():
+            raise TrackingUnavailable(
+                f"{self.label} still unreachable at the end of the stage: {len(self.pending)} metric values of run "
+                f"{self.run_id} are not logged (last error: {type(self.last_error).__name__}: {self.last_error}). "
+                "The stage's outputs are written (a training stage's metrics.jsonl keeps every logged step)")
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.enabled:
@@ -175,13 +262,19 @@ def stage_run(tracking: Tracking | None, name: str, tags: Mapping[str, Any] | No
     if tracking.parent_run_id:
         run_tags["mlflow.parentRunId"] = tracking.parent_run_id
     run = client.create_run(tracking.experiment_id(), run_name=name, tags={k: str(v) for k, v in run_tags.items()})
-    log.info("%s: MLflow run %s (%s)", name, run.info.run_id, tracking.settings.tracking_uri)
-    status = "FAILED"
+    run_id = run.info.run_id
+    log.info("%s: MLflow run %s (%s)", name, run_id, tracking.settings.tracking_uri)
     try:
-        yield StageRun(client, run.info.run_id)
-        status = "FINISHED"
-    finally:
-        client.set_terminated(run.info.run_id, status=status)
+        stage = StageRun(client, run_id, label=f"{name}: MLflow at {tracking.settings.tracking_uri}")
+        yield stage
+        stage.flush()  # the stage's outputs are written by now: only the metrics can be missing
+    except BaseException:
+        try:
+            client.set_terminated(run_id, status="FAILED")
+        except Exception as e:  # MLflow may be the reason the stage failed: keep that error, not this one
+            log.warning("%s: could not mark MLflow run %s FAILED (%s: %s)", name, run_id, type(e).__name__, e)
+        raise
+    client.set_terminated(run_id, status="FINISHED")
 
 
 def source_tags() -> dict[str, str]:

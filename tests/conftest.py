@@ -10,6 +10,7 @@ import pytest
 
 from gptcore.config import ExportConfig, FinetuneConfig, IngestConfig, ModelConfig, TokenizerConfig, TrainConfig
 from gptcore.tracking import Tracking, TrackingSettings
+from tests.servers import servers  # noqa: F401  (session fixture: the secured Prefect and MLflow servers)
 
 WORDS = {
     "sea": "wave salt ship sail tide anchor harbour gull storm deck".split(),
@@ -92,6 +93,15 @@ def classifier_package(trained):
 
     return export_classifier_onnx(ExportConfig(), trained["ft"], trained["data"], trained["tokenizer"],
                                   trained["root"] / "clf")
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server (and database) for the whole test session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from tests.conftest import write_labelled_corpus
 pytestmark = pytest.mark.usefixtures("restore_gptcore_logger")  # main() sets up console logging
 
 
-VERBS = ["pipeline", "ingest", "tokenizer", "pretrain", "finetune", "sft", "evaluate", "export", "register", "generate", "score", "explain"]
+VERBS = ["pipeline", "ingest", "tokenizer", "pretrain", "finetune", "sft", "evaluate", "export", "register", "generate", "score", "explain", "serve"]
 
 
 def test_every_stage_has_a_verb():

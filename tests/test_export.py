@@ -9,7 +9,7 @@ import torch
 
 from gptcore.checkpoint import load_lm
 from gptcore.config import ExportConfig
-from gptcore.errors import ParityError
+from gptcore.errors import InputError, ParityError
 from gptcore.export import export_lm_onnx
 from gptcore.runtime import OnnxClassifier, OnnxLM, load_model
 from gptcore.tokenizer import load_tokenized, read_tokens
@@ -17,7 +17,7 @@ from gptcore.tokenizer import load_tokenized, read_tokens
 
 def test_lm_package_is_complete_and_parity_holds(lm_package):
     files = sorted(p.name for p in Path(lm_package.package_dir).iterdir())
-    assert files == ["gptcore_model.json", "model.onnx", "tokenizer.json"]
+    assert files == ["gptcore_model.json", "model.fp16.onnx", "model.int8.onnx", "model.onnx", "tokenizer.json"]
     assert lm_package.parity["max_abs_logit_diff"] <= 1e-3
     assert lm_package.parity["greedy_tokens_equal"] == 32
     meta = json.loads((Path(lm_package.package_dir) / "gptcore_model.json").read_text())
@@ -67,8 +67,8 @@ def test_failed_parity_raises_and_keeps_the_previous_package(trained, lm_package
     before = {p.name: p.read_bytes() for p in Path(lm_package.package_dir).iterdir()}
     real = export.LMGraph.forward
 
-    def off_by_a_bit(self, input_ids, position_ids, attention_mask, *past_flat):
-        logits, *cache = real(self, input_ids, position_ids, attention_mask, *past_flat)
+    def off_by_a_bit(self, input_ids, position_ids, attention_mask, logit_positions, *past_flat):
+        logits, *cache = real(self, input_ids, position_ids, attention_mask, logit_positions, *past_flat)
         return (logits + 0.01, *cache)
 
     monkeypatch.setattr(export.LMGraph, "forward", off_by_a_bit)
@@ -87,23 +87,71 @@ def test_every_architecture_option_exports_with_parity(options, tmp_path):
     from gptcore.config import ModelConfig
     from gptcore.export import export_lm_graph
     from gptcore.model import GPT
-    from gptcore.runtime.session import make_session
+    from gptcore.runtime.session import SessionOptions, make_session
 
     torch.manual_seed(0)
     gpt = GPT(ModelConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, vocab_size=50, **options)).eval()
     export_lm_graph(gpt, tmp_path / "model.onnx", opset=18)
-    session = make_session(tmp_path / "model.onnx", device="cpu")
+    session = make_session(tmp_path / "model.onnx", SessionOptions(device="cpu"))
     ids = torch.randint(0, 50, (1, 10))
     with torch.no_grad():
         ref = gpt(ids)[0][..., :50].numpy()
-    feed = {"input_ids": ids[:, :6].numpy(), "position_ids": np.arange(6)[None], "attention_mask": np.ones((1, 6), np.int64)}
+    feed = {"input_ids": ids[:, :6].numpy(), "position_ids": np.arange(6)[None], "attention_mask": np.ones((1, 6), np.int64),
+            "logit_positions": np.arange(6)[None]}
     feed |= {f"past_{kind}_{i}": np.zeros((1, 2, 0, 16), np.float32) for i in range(2) for kind in ("key", "value")}
     names = ["logits"] + [f"present_{kind}_{i}" for i in range(2) for kind in ("key", "value")]
     out = session.run(names, feed)
     assert np.abs(out[0] - ref[:, :6]).max() < 1e-4
     for t in range(6, 10):
         feed = {"input_ids": ids[:, t : t + 1].numpy(), "position_ids": np.array([[t]]),
-                "attention_mask": np.ones((1, t + 1), np.int64)}
+                "attention_mask": np.ones((1, t + 1), np.int64), "logit_positions": np.array([[0]])}
         feed |= {f"past_{kind}_{i}": out[1 + 2 * i + j] for i in range(2) for j, kind in enumerate(("key", "value"))}
         out = session.run(names, feed)
         assert np.abs(out[0][:, 0] - ref[:, t]).max() < 1e-4
+
+
+@pytest.mark.parametrize("package", ["lm_package", "classifier_package"])
+def test_graph_keeps_its_fused_ops(package, request):
+    """Fusion happens only where a subgraph matches exactly: a model change that loses it must fail here."""
+    from gptcore.onnx_variants import fused_op_counts
+
+    result = request.getfixturevalue(package)
+    n_layer = 2  # the `trained` fixture's GPT
+    expected = {"attention": n_layer, "layernorm": 2 * n_layer + 1, "gelu": n_layer}  # + the final LayerNorm
+    if result.kind == "classifier":
+        expected["layernorm"] = 2 * n_layer  # its final LayerNorm has no residual Add before it to fuse with
+    for variant in ("model.onnx", "model.fp16.onnx", "model.int8.onnx"):
+        assert fused_op_counts(Path(result.package_dir) / variant) == expected, variant
+    meta = json.loads((Path(result.package_dir) / "gptcore_model.json").read_text())
+    assert meta["fused_ops"] == expected and meta["fusions"]["sdpa"] == n_layer
+
+
+@pytest.mark.parametrize("package", ["lm_package", "classifier_package"])
+def test_every_variant_is_within_its_stated_tolerance(package, request):
+    result = request.getfixturevalue(package)
+    meta = json.loads((Path(result.package_dir) / "gptcore_model.json").read_text())
+    assert set(meta["variants"]) == {"fp32", "fp16", "int8"}
+    cfg = ExportConfig()
+    for variant, entry in meta["variants"].items():
+        parity = entry["parity"]
+        floor = {"fp32": 1.0, "fp16": cfg.min_agreement_fp16, "int8": cfg.min_agreement_int8}[variant]
+        assert parity["greedy_agreement"] >= floor, variant
+        assert parity["max_abs_logit_diff"] <= {"fp32": 1e-3, "fp16": 0.05, "int8": 0.5}[variant], variant
+        model = load_model(result.package_dir, device="cpu", variant=variant)
+        assert model.variant == variant and model.session._model_path.endswith(entry["file"])
+    sizes = {v: (Path(result.package_dir) / e["file"]).stat().st_size for v, e in meta["variants"].items()}
+    assert sizes["int8"] < sizes["fp32"] and sizes["fp16"] < sizes["fp32"]
+    assert load_model(result.package_dir, device="cpu").variant == "fp32"  # auto on CPU: the exact graph
+    with pytest.raises(InputError, match="no 'bf16' variant"):
+        load_model(result.package_dir, device="cpu", variant="bf16")
+
+
+def test_a_variant_below_its_floor_is_left_out(trained, tmp_path):
+    cfg = ExportConfig(min_agreement_fp16=1.0, min_agreement_int8=1.0)
+    result = export_lm_onnx(cfg, trained["pre"], trained["tokenizer"], tmp_path / "lm")
+    meta = json.loads((Path(result.package_dir) / "gptcore_model.json").read_text())
+    left_out = set(meta.get("variants_left_out", {}))
+    assert left_out and left_out.isdisjoint(meta["variants"])  # int8 here agrees on < 100% of positions
+    for variant in left_out:
+        assert meta["variants_left_out"][variant]["greedy_agreement"] < 1.0
+        assert not (Path(result.package_dir) / f"model.{variant}.onnx").exists()

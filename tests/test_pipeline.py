@@ -3,18 +3,8 @@
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 
 from gptcore.registry import CHAMPION
-
-
-@pytest.fixture(scope="session")
-def prefect_server():
-    """One temporary Prefect server (and database) for the whole test session."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def test_tiny_pipeline_end_to_end(prefect_server, tmp_path, monkeypatch):

@@ -14,7 +14,8 @@ def fake_package(root, kind: str):
     root.mkdir(parents=True)
     (root / "model.onnx").write_bytes(b"onnx")
     (root / "gptcore_model.json").write_text(json.dumps(
-        {"kind": kind, "data_digest": "d" * 64, "tokenizer_digest": "t" * 64, "parity": {"max_abs_logit_diff": 1e-6}}))
+        {"kind": kind, "data_digest": "d" * 64, "tokenizer_digest": "t" * 64, "parity": {"max_abs_logit_diff": 1e-6},
+         **({"labels": ["neg", "pos"]} if kind == "classifier" else {})}))  # the pyfunc's signature names them
     return root
 
 

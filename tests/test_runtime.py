@@ -66,7 +66,7 @@ def write_package(directory: Path, kind: str, gpt: GPT, tok, export, labels: lis
     export(directory / "model.onnx")
     tok.save(str(directory / "tokenizer.json"))
     cfg = gpt.cfg
-    meta = {"format_version": 1, "kind": kind, "block_size": cfg.block_size, "n_layer": cfg.n_layer,
+    meta = {"format_version": 2, "kind": kind, "block_size": cfg.block_size, "n_layer": cfg.n_layer,
             "n_head": cfg.n_head, "head_dim": cfg.n_embd // cfg.n_head, "vocab_size": cfg.vocab_size,
             "eos_token_id": tok.token_to_id(EOT), "pad_token_id": tok.token_to_id(PAD), "labels": labels or []}
     (directory / "gptcore_model.json").write_text(json.dumps(meta))
@@ -153,11 +153,22 @@ def test_left_padded_batch_equals_one_at_a_time(built, lm):
     prompts = ["Gulls", "A storm rolled over the sea and"]
     width = max(len(built["tok"].encode(p).ids) for p in prompts)
     assert width > len(built["tok"].encode(prompts[0]).ids)  # the short prompt really is padded
-    n = lm.block_size - width + 1  # as many new tokens as fit without sliding the window
-    batch = lm.generate_batch(prompts, max_new_tokens=n, temperature=0.0)
-    assert batch == [lm.generate(p, max_new_tokens=n, temperature=0.0) for p in prompts]
-    with pytest.raises(ValueError, match="max_new_tokens.*exceeds the context"):
-        lm.generate_batch(prompts, max_new_tokens=n + 1)
+    for n in (lm.block_size - width + 1, 40):  # as many new tokens as fit; then past the window, which slides
+        batch = lm.generate_batch(prompts, max_new_tokens=n, temperature=0.0)
+        assert batch == [lm.generate(p, max_new_tokens=n, temperature=0.0) for p in prompts]
+
+
+def test_batched_greedy_matches_torch_past_the_window(built, lm):
+    """Rows of one length (no padding) through torch's own batched generate: the window slides alike."""
+    rows = [built["tok"].encode(s).ids[:6] for s in SENTENCES[:3]]
+    with torch.no_grad():
+        ref = built["gpt"].generate(torch.tensor(rows), 40, temperature=0.0)[:, 6:].tolist()
+    assert lm.generate_batch_ids(rows, max_new_tokens=40, temperature=0.0, stop_at_eos=False) == ref
+
+
+def test_streamed_pieces_join_to_the_generated_text(lm):
+    pieces = list(lm.stream("The ship", max_new_tokens=30, temperature=0.0))
+    assert len(pieces) > 1 and "".join(pieces) == lm.generate("The ship", max_new_tokens=30, temperature=0.0)
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -225,7 +236,7 @@ def test_score_file_writes_one_row_per_input(classifier, tmp_path, suffix):
     src = tmp_path / f"in{suffix}"
     write_input(src, pa.table({"id": list(range(5)), "body": texts, "label": ["sea"] * 5}))
     out = tmp_path / "out.parquet"
-    assert score_file(classifier, src, out, text_field="body", batch_size=2) == 5
+    assert score_file(classifier, src, out, text_field="body", batch_size=2).rows == 5
     scored = pq.read_table(out)
     assert scored.column("id").to_pylist() == list(range(5))
     assert scored.column("body").to_pylist() == texts  # CSV keeps "007" as text
@@ -265,8 +276,12 @@ def test_package_missing_tokenizer_is_named(built, tmp_path):
 def test_package_of_unknown_format_or_kind_is_refused(built, tmp_path):
     pkg = shutil.copytree(built["lm_dir"], tmp_path / "pkg")
     meta = json.loads((pkg / "gptcore_model.json").read_text())
-    for change, field in (({"format_version": 2}, "format_version"), ({"kind": "vision"}, "kind"),
-                          ({"kind": "classifier", "labels": []}, "labels")):
+    for change, field in (({"format_version": 3}, "format_version"), ({"kind": "vision"}, "kind"),
+                          ({"kind": "classifier", "labels": []}, "labels"),
+                          ({"variants": {"int8": {"file": "../model.onnx"}}}, "variants"),
+                          ({"variants": {"int8": {"file": "model.int8.onnx"}}}, "lacks fp32"),
+                          ({"variants": {"fp32": {"file": "model.onnx"}, "int8": {"file": "model.int8.onnx"}}},
+                           "model.int8.onnx")):
         (pkg / "gptcore_model.json").write_text(json.dumps(meta | change))
         with pytest.raises(InputError, match=field):
             load_package(pkg)

@@ -9,8 +9,8 @@ the work; a stage whose manifest holds the same fingerprint has nothing to do.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.metadata
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,8 @@ def code_digest(modules: list[str]) -> str:
     """sha256 of the source of the modules that do a stage's work: a change in how it works re-runs it."""
     h = hashlib.sha256()
     for name in modules:
-        h.update(name.encode() + b"\0" + Path(importlib.import_module(name).__file__).read_bytes())
+        # find_spec locates the source without running the module (only its parent packages)
+        h.update(name.encode() + b"\0" + Path(importlib.util.find_spec(name).origin).read_bytes())
     return h.hexdigest()
 
 

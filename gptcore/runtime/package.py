@@ -1,6 +1,9 @@
 """A model package: the directory `gptcore.export` writes and the registry stores.
 
-    model.onnx  tokenizer.json  gptcore_model.json
+    model.onnx  tokenizer.json  gptcore_model.json   [model.fp16.onnx  model.int8.onnx]
+
+`gptcore_model.json` lists the precision variants the package holds, each with its parity
+figures; a package without that list holds the fp32 graph alone.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Any
 from gptcore.errors import InputError
 from gptcore.fsutil import read_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSIONS = (1, 2)  # 2: the LM graph takes logit_positions, and variants are listed
 KINDS = ("lm", "classifier")
 FILES = ("model.onnx", "tokenizer.json", "gptcore_model.json")
 INT_FIELDS = ("block_size", "n_layer", "n_head", "head_dim", "vocab_size", "eos_token_id", "pad_token_id")
@@ -29,13 +32,30 @@ class ModelPackage:
     def onnx_path(self) -> Path:
         return self.path / "model.onnx"
 
+    @property
+    def variants(self) -> dict[str, dict[str, Any]]:
+        """variant -> {"file", "parity"}: fp32 always, fp16 and int8 where the export kept them."""
+        return self.meta.get("variants") or {"fp32": {"file": "model.onnx", "parity": self.meta.get("parity", {})}}
+
+    def choose_variant(self, variant: str, on_cuda: bool) -> str:
+        """`variant`, checked; "auto" is fp16 on CUDA where the package has it, else fp32 (exact)."""
+        if variant == "auto":
+            return "fp16" if on_cuda and "fp16" in self.variants else "fp32"
+        if variant not in self.variants:
+            raise InputError(f"{self.path}: has no {variant!r} variant (it has: {', '.join(self.variants)})")
+        return variant
+
+    def variant_path(self, variant: str) -> Path:
+        return self.path / self.variants[variant]["file"]
+
 
 def check_meta(meta: Any, where: Path) -> None:
     """Refuse a description this runtime would misread, naming the field."""
     if not isinstance(meta, dict):
         raise InputError(f"{where}: expected a JSON object")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise InputError(f"{where}: format_version {meta.get('format_version')!r}; this runtime reads {FORMAT_VERSION}")
+    if meta.get("format_version") not in FORMAT_VERSIONS:
+        raise InputError(f"{where}: format_version {meta.get('format_version')!r}; this runtime reads "
+                         f"{', '.join(map(str, FORMAT_VERSIONS))}")
     if meta.get("kind") not in KINDS:
         raise InputError(f"{where}: unknown kind {meta.get('kind')!r}; known: {', '.join(KINDS)}")
     for field in INT_FIELDS:
@@ -48,6 +68,12 @@ def check_meta(meta: Any, where: Path) -> None:
             raise InputError(f"{where}: field 'labels' must be a non-empty list of strings, got {labels!r}")
         if len(set(labels)) != len(labels):
             raise InputError(f"{where}: field 'labels' repeats a label: {labels}")
+    variants = meta.get("variants", {})
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) and isinstance(v.get("file"), str)
+                                                 and "/" not in v["file"] for v in variants.values()):
+        raise InputError(f"{where}: field 'variants' must map each variant to {{'file': NAME, ...}}, got {variants!r}")
+    if variants and "fp32" not in variants:
+        raise InputError(f"{where}: field 'variants' lacks fp32 (the graph every package has), got {list(variants)}")
 
 
 def load_package(path: str | Path) -> ModelPackage:
@@ -70,7 +96,11 @@ def load_package(path: str | Path) -> ModelPackage:
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
     except Exception as e:  # tokenizers raises a bare Exception on a malformed file
         raise InputError(f"{path / 'tokenizer.json'}: cannot be loaded as a tokenizer: {e}") from None
-    return ModelPackage(path, meta["kind"], meta, tokenizer)
+    package = ModelPackage(path, meta["kind"], meta, tokenizer)
+    for variant in package.variants:
+        if not package.variant_path(variant).is_file():
+            raise InputError(f"{package.variant_path(variant)}: missing; {meta_path} lists it as the {variant} variant")
+    return package
 
 
 def resolve_model_uri(uri: str | Path, tracking_uri: str | None = None, registry_uri: str | None = None) -> Path:
@@ -78,7 +108,8 @@ def resolve_model_uri(uri: str | Path, tracking_uri: str | None = None, registry
 
     Registry and run URIs are downloaded from MLflow: `tracking_uri` (default: MLflow's own
     resolution, e.g. MLFLOW_TRACKING_URI) and `registry_uri` (default: the tracking URI) say which
-    server. A local path is returned as is.
+    server. A local path is returned as is, or the package inside it where it is a gptcore pyfunc
+    model directory.
     """
     uri = str(uri)
     if uri.startswith(("models:/", "runs:/")):
@@ -86,7 +117,7 @@ def resolve_model_uri(uri: str | Path, tracking_uri: str | None = None, registry
     path = Path(uri)
     if not path.is_dir():
         raise InputError(f"{uri}: no such model package directory (or use models:/NAME@ALIAS or runs:/RUN_ID/PATH)")
-    return path
+    return package_in(path)
 
 
 def download_package(uri: str, tracking_uri: str | None, registry_uri: str | None) -> Path:
@@ -97,15 +128,31 @@ def download_package(uri: str, tracking_uri: str | None, registry_uri: str | Non
 
     try:
         if uri.startswith("runs:/"):
-            return Path(download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri))
+            return package_in(Path(download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri)))
         # A models:/ URI handed to download_artifacts also drops MLflow's registered_model_meta
-        # file into the package; downloading the version's source gives exactly the package.
+        # file into the download; downloading the version's source gives exactly the model.
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
         version = model_version(client, uri)
         source = client.get_model_version_download_uri(version.name, version.version)
-        return Path(download_artifacts(artifact_uri=source, tracking_uri=tracking_uri))
+        return package_in(Path(download_artifacts(artifact_uri=source, tracking_uri=tracking_uri)))
     except MlflowException as e:
         raise InputError(f"{uri}: cannot be resolved: {e.message}") from None
+
+
+def package_in(directory: Path) -> Path:
+    """The package in `directory`: the directory itself, or the `package` artifact of the gptcore
+    pyfunc model there (what the registry logs; versions registered before that are bare packages)."""
+    mlmodel = directory / "MLmodel"
+    if not mlmodel.is_file():
+        return directory
+    import yaml
+
+    try:
+        flavor = yaml.safe_load(mlmodel.read_text(encoding="utf-8"))["flavors"]["python_function"]
+        return directory / flavor["artifacts"]["package"]["path"]
+    except (yaml.YAMLError, TypeError, KeyError):
+        raise InputError(f"{mlmodel}: an MLflow model, but not a gptcore pyfunc model (no pyfunc "
+                         "artifact 'package'); give a gptcore model package or a version gptcore registered") from None
 
 
 def model_version(client, uri: str):

@@ -1,0 +1,11 @@
+"""The MLflow *models from code* file of gptcore's pyfunc: MLflow runs this file to build the model.
+
+The registry passes its path as `python_model`, so the logged model holds this code instead of a
+pickle. The model itself is `gptcore.runtime.pyfunc.GptcorePyfunc`.
+"""
+
+from mlflow.models import set_model
+
+from gptcore.runtime.pyfunc import GptcorePyfunc
+
+set_model(GptcorePyfunc())
