@@ -29,10 +29,6 @@ class ModelPackage:
     tokenizer: Any  # tokenizers.Tokenizer
 
     @property
-    def onnx_path(self) -> Path:
-        return self.path / "model.onnx"
-
-    @property
     def variants(self) -> dict[str, dict[str, Any]]:
         """variant -> {"file", "parity"}: fp32 always, fp16 and int8 where the export kept them."""
         return self.meta.get("variants") or {"fp32": {"file": "model.onnx", "parity": self.meta.get("parity", {})}}

@@ -14,6 +14,7 @@ from gptcore.errors import GptcoreError
 log = logging.getLogger("gptcore.runtime")
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+USE_CPU = "Or use device='cpu'."
 DEVICES = ("auto", "cuda", "cpu")
 # What onnxruntime-gpu's CUDA provider loads (CUDA 12 builds); named in the error when one is missing.
 CUDA_LIBRARIES = ("libcudart.so.12", "libcublas.so.12", "libcublasLt.so.12", "libcufft.so.11", "libcurand.so.10",
@@ -98,7 +99,7 @@ def cuda_failure(onnx_path: str | Path, preload_error: str | None) -> str:
     if preload_error:
         reasons.append(preload_error)
     reason = "; ".join(reasons) or "ONNX Runtime's log above says why"
-    return f"{onnx_path}: CUDAExecutionProvider was asked for but could not load: {reason}. Or use device='cpu'."
+    return f"{onnx_path}: CUDAExecutionProvider was asked for but could not load: {reason}"
 
 
 def wants_cuda(device: str) -> bool:
@@ -127,12 +128,12 @@ def make_session(onnx_path: str | Path, options: SessionOptions | None = None):
         session = ort.InferenceSession(str(onnx_path), sess_options=session_options, providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail/RuntimeException types
         if options.device == "cuda":
-            raise GptcoreError(f"{cuda_failure(onnx_path, preload_error)} (ONNX Runtime: {e})") from None
+            raise GptcoreError(f"{cuda_failure(onnx_path, preload_error)} (ONNX Runtime: {e}). {USE_CPU}") from None
         raise
     active = session.get_providers()
     if options.device == "cuda" and CUDA not in active:
-        raise GptcoreError(cuda_failure(onnx_path, preload_error))
+        raise GptcoreError(f"{cuda_failure(onnx_path, preload_error)}. {USE_CPU}")
     if cuda and CUDA not in active:
-        log.warning("%s; running on CPU", cuda_failure(onnx_path, preload_error).removesuffix(" Or use device='cpu'."))
+        log.warning("%s; running on CPU", cuda_failure(onnx_path, preload_error))
     log.info("%s: ONNX Runtime session on %s", Path(onnx_path).name, active[0])
     return session
