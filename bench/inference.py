@@ -8,7 +8,7 @@ For each model, on one device, in one run:
   tokens/s (all rows) and ms/token (wall time per decoding step);
 - classification of passages of PROMPT tokens in batches of 32: rows/s.
 PyTorch runs `GPT.generate` (KV cache, no autocast on CPU; fp16 autocast on CUDA); ONNX Runtime
-runs `gptcore.runtime` over the package that `gptcore.export.write_package` builds: fp32
+runs `gptcore.runtime` over the package that `gptcore.export.package.write_package` builds: fp32
 (fused), fp32-unfused (the plain export, for scale), fp16 and int8.
 
 Models: `default`, the trained LM and classifier of a pipeline work directory (`gptcore pipeline
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import sys
 import tempfile
 import time
@@ -34,17 +33,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptcore.checkpoint import load_classifier, load_lm  # noqa: E402
-from gptcore.config import ExportConfig  # noqa: E402
-from gptcore.export import (check_classifier_parity, check_lm_parity, export_classifier_graph,  # noqa: E402
-                            export_lm_graph, write_package)
-from gptcore.finetune import load_finetuned  # noqa: E402
-from gptcore.layout import Workdir  # noqa: E402
-from gptcore.model import GPT, GPTClassifier  # noqa: E402
-from gptcore.presets import gpt2_124m  # noqa: E402
-from gptcore.pretrain import load_pretrained  # noqa: E402
-from gptcore.runtime import load_model  # noqa: E402
-from gptcore.tokenizer import PAD, load_tokenized, load_tokenizer, read_tokens  # noqa: E402
+from machine import write_json  # bench/machine.py: the machine beside the figures
+
+from gptcore.config import ExportConfig
+from gptcore.export.classifier import check_classifier_parity, export_classifier_graph
+from gptcore.export.lm import check_lm_parity, export_lm_graph
+from gptcore.export.package import write_package
+from gptcore.layout import (
+    PAD,
+    Workdir,
+)
+from gptcore.model import GPT, GPTClassifier
+from gptcore.presets import gpt2_124m
+from gptcore.results import load_finetuned, load_pretrained, load_tokenized, load_tokenizer, read_tokens
+from gptcore.runtime import load_model
+from gptcore.weights import load_classifier, load_lm
 
 PROMPT, NEW, BATCHES, CLASSIFY_BATCH = 128, 128, (1, 16), 32
 
@@ -61,21 +64,54 @@ class Subject:
     classifier_dir: Path
 
 
-def build_packages(gpt: GPT, classifier: GPTClassifier, tok, tokenizer_json: Path, meta: dict, val: np.ndarray,
-                   out: Path, cfg: ExportConfig) -> tuple[Path, Path]:
+def build_packages(
+    gpt: GPT,
+    classifier: GPTClassifier,
+    tok,
+    tokenizer_json: Path,
+    meta: dict,
+    val: np.ndarray,
+    out: Path,
+    cfg: ExportConfig,
+) -> tuple[Path, Path]:
     """Both packages (fp32 fused + variants) and the unfused fp32 LM beside them, through the export's own code."""
     pad = tok.token_to_id(PAD)
     passages = [val[i * PROMPT : (i + 1) * PROMPT].tolist() for i in range(8)]
     lm_meta = meta | {"model": dataclasses.asdict(gpt.cfg), "labels": []}
     clf_meta = meta | {"model": dataclasses.asdict(classifier.gpt.cfg)}
-    write_package(out / "lm", "lm", lambda p: export_lm_graph(gpt, p, cfg.opset), gpt, tok, tokenizer_json,
-                  lm_meta, cfg, functools.partial(check_lm_parity, gpt, val, cfg))
-    write_package(out / "lm-unfused", "lm", lambda p: export_lm_graph(gpt, p, cfg.opset), gpt, tok, tokenizer_json,
-                  lm_meta, dataclasses.replace(cfg, optimize=False, variants=[]),
-                  functools.partial(check_lm_parity, gpt, val, cfg))
-    write_package(out / "classifier", "classifier", lambda p: export_classifier_graph(classifier, p, cfg.opset),
-                  classifier.gpt, tok, tokenizer_json, clf_meta, cfg,
-                  functools.partial(check_classifier_parity, classifier, passages, pad, cfg))
+    write_package(
+        out / "lm",
+        "lm",
+        lambda p: export_lm_graph(gpt, p, cfg.opset),
+        gpt,
+        tok,
+        tokenizer_json,
+        lm_meta,
+        cfg,
+        functools.partial(check_lm_parity, gpt, val, cfg),
+    )
+    write_package(
+        out / "lm-unfused",
+        "lm",
+        lambda p: export_lm_graph(gpt, p, cfg.opset),
+        gpt,
+        tok,
+        tokenizer_json,
+        lm_meta,
+        dataclasses.replace(cfg, optimize=False, variants=[]),
+        functools.partial(check_lm_parity, gpt, val, cfg),
+    )
+    write_package(
+        out / "classifier",
+        "classifier",
+        lambda p: export_classifier_graph(classifier, p, cfg.opset),
+        classifier.gpt,
+        tok,
+        tokenizer_json,
+        clf_meta,
+        cfg,
+        functools.partial(check_classifier_parity, classifier, passages, pad, cfg),
+    )
     return out / "lm", out / "classifier"
 
 
@@ -87,8 +123,16 @@ def default_subject(workdir: Path, out: Path) -> Subject:
     classifier, clf_meta = load_classifier(load_finetuned(w.finetune).best_dir)
     tok = load_tokenizer(w.tokenizer)
     val = np.asarray(read_tokens(load_tokenized(w.tokenizer), "val"), dtype=np.int64)
-    lm_dir, clf_dir = build_packages(gpt, classifier, tok, w.tokenizer / "tokenizer.json",
-                                     meta | {"labels": clf_meta["labels"]}, val, out / "default", ExportConfig())
+    lm_dir, clf_dir = build_packages(
+        gpt,
+        classifier,
+        tok,
+        w.tokenizer / "tokenizer.json",
+        meta | {"labels": clf_meta["labels"]},
+        val,
+        out / "default",
+        ExportConfig(),
+    )
     prompts = np.stack([val[i * PROMPT : (i + 1) * PROMPT] for i in range(16)])
     return Subject("default", gpt, classifier, prompts, lm_dir, clf_dir)
 
@@ -105,8 +149,9 @@ def gpt2_subject(workdir: Path, out: Path) -> Subject:
     meta = {"data_digest": "random-weights", "tokenizer_digest": "none", "labels": [f"class{i}" for i in range(6)]}
     # Random weights give near-flat logits, so agreement says nothing here: keep every variant.
     cfg = ExportConfig(min_agreement_fp16=0.0, min_agreement_int8=0.0)
-    lm_dir, clf_dir = build_packages(gpt, classifier, tok, w.tokenizer / "tokenizer.json", meta, val.numpy(),
-                                     out / "gpt2-124m", cfg)
+    lm_dir, clf_dir = build_packages(
+        gpt, classifier, tok, w.tokenizer / "tokenizer.json", meta, val.numpy(), out / "gpt2-124m", cfg
+    )
     return Subject("gpt2-124m", gpt, classifier, prompts.numpy(), lm_dir, clf_dir)
 
 
@@ -128,6 +173,7 @@ def torch_generate(gpt: GPT, prompts: torch.Tensor, device: str):
         if device == "cuda":
             torch.cuda.synchronize()
         return out[:, PROMPT:].cpu().numpy()
+
     return run
 
 
@@ -138,6 +184,7 @@ def torch_classify(classifier: GPTClassifier, passages: torch.Tensor, device: st
                 classifier(passages[i : i + CLASSIFY_BATCH], torch.ones_like(passages[i : i + CLASSIFY_BATCH]))
         if device == "cuda":
             torch.cuda.synchronize()
+
     return run
 
 
@@ -149,24 +196,65 @@ def bench_subject(s: Subject, device: str, threads: int | None, repeats: int) ->
     for batch in BATCHES:
         prompts = torch.from_numpy(s.prompts[:batch]).to(torch_device)
         base, torch_ids = timed(torch_generate(gpt, prompts, device), repeats)
-        rows.append(row(s, device, "torch", "fp16-autocast" if device == "cuda" else "fp32", "generate", batch,
-                        base, base, None, None))
+        rows.append(
+            row(
+                s,
+                device,
+                "torch",
+                "fp16-autocast" if device == "cuda" else "fp32",
+                "generate",
+                batch,
+                base,
+                base,
+                None,
+                None,
+            )
+        )
         for engine, variant in engines:
             package = s.lm_dir.parent / "lm-unfused" if variant == "fp32-unfused" else s.lm_dir
             lm = load_model(package, device=device, threads=threads, variant=variant.split("-")[0])
             rows_ids = s.prompts[:batch].tolist()
 
             def run(warmup: bool, lm=lm, rows_ids=rows_ids):
-                return np.array(lm.generate_batch_ids(rows_ids, 4 if warmup else NEW, temperature=0.0, stop_at_eos=False))
+                return np.array(
+                    lm.generate_batch_ids(rows_ids, 4 if warmup else NEW, temperature=0.0, stop_at_eos=False)
+                )
 
             seconds, ids = timed(run, repeats)
-            agreement = lm.package.variants[lm.variant]["parity"].get("greedy_agreement") if s.name == "default" else None
-            rows.append(row(s, device, engine, variant, "generate", batch, seconds, base, agreement,
-                            float((ids == torch_ids).mean())))
+            agreement = (
+                lm.package.variants[lm.variant]["parity"].get("greedy_agreement") if s.name == "default" else None
+            )
+            rows.append(
+                row(
+                    s,
+                    device,
+                    engine,
+                    variant,
+                    "generate",
+                    batch,
+                    seconds,
+                    base,
+                    agreement,
+                    float((ids == torch_ids).mean()),
+                )
+            )
     passages = torch.from_numpy(np.concatenate([s.prompts] * 4)).to(torch_device)  # 64 rows of PROMPT tokens
     base, _ = timed(torch_classify(classifier, passages, device), repeats)
-    rows.append(row(s, device, "torch", "fp16-autocast" if device == "cuda" else "fp32", "classify", CLASSIFY_BATCH,
-                    base, base, None, None, len(passages)))
+    rows.append(
+        row(
+            s,
+            device,
+            "torch",
+            "fp16-autocast" if device == "cuda" else "fp32",
+            "classify",
+            CLASSIFY_BATCH,
+            base,
+            base,
+            None,
+            None,
+            len(passages),
+        )
+    )
     for variant in ("fp32", "fp16", "int8"):
         clf = load_model(s.classifier_dir, device=device, threads=threads, variant=variant)
         ids = passages.cpu().numpy()
@@ -177,35 +265,75 @@ def bench_subject(s: Subject, device: str, threads: int | None, repeats: int) ->
 
         seconds, _ = timed(run, repeats)
         agreement = clf.package.variants[variant]["parity"].get("greedy_agreement") if s.name == "default" else None
-        rows.append(row(s, device, "onnxruntime", variant, "classify", CLASSIFY_BATCH, seconds, base, agreement, None,
-                        len(passages)))
+        rows.append(
+            row(
+                s,
+                device,
+                "onnxruntime",
+                variant,
+                "classify",
+                CLASSIFY_BATCH,
+                seconds,
+                base,
+                agreement,
+                None,
+                len(passages),
+            )
+        )
     return rows
 
 
-def row(s: Subject, device: str, engine: str, variant: str, task: str, batch: int, seconds: float, base: float,
-        agreement: float | None, same_tokens: float | None, n_rows: int | None = None) -> dict:
-    r = {"model": s.name, "device": device, "engine": engine, "variant": variant, "task": task, "batch": batch,
-         "seconds": round(seconds, 3), "speedup_vs_torch": round(base / seconds, 3), "greedy_agreement": agreement,
-         "generated_tokens_equal": same_tokens}
+def row(
+    s: Subject,
+    device: str,
+    engine: str,
+    variant: str,
+    task: str,
+    batch: int,
+    seconds: float,
+    base: float,
+    agreement: float | None,
+    same_tokens: float | None,
+    n_rows: int | None = None,
+) -> dict:
+    r = {
+        "model": s.name,
+        "device": device,
+        "engine": engine,
+        "variant": variant,
+        "task": task,
+        "batch": batch,
+        "seconds": round(seconds, 3),
+        "speedup_vs_torch": round(base / seconds, 3),
+        "greedy_agreement": agreement,
+        "generated_tokens_equal": same_tokens,
+    }
     if task == "generate":
         r |= {"tokens_per_s": round(batch * NEW / seconds, 1), "ms_per_token": round(1000 * seconds / NEW, 2)}
     else:
-        r |= {"rows_per_s": round(n_rows / seconds, 1), "tokens_per_s": round(n_rows * PROMPT / seconds, 1),
-              "ms_per_token": None}
+        r |= {
+            "rows_per_s": round(n_rows / seconds, 1),
+            "tokens_per_s": round(n_rows * PROMPT / seconds, 1),
+            "ms_per_token": None,
+        }
     return r
 
 
 def print_table(rows: list[dict]) -> None:
-    head = f"{'model':10} {'device':6} {'engine':11} {'variant':13} {'task':8} {'batch':>5} {'tok/s':>9} " \
-           f"{'ms/tok':>8} {'rows/s':>8} {'speedup':>8} {'agree':>7} {'same':>6}"
+    head = (
+        f"{'model':10} {'device':6} {'engine':11} {'variant':13} {'task':8} {'batch':>5} {'tok/s':>9} "
+        f"{'ms/tok':>8} {'rows/s':>8} {'speedup':>8} {'agree':>7} {'same':>6}"
+    )
     print(head)
     print("-" * len(head))
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for r in rows:
-        print(f"{r['model']:10} {r['device']:6} {r['engine']:11} {r['variant']:13} {r['task']:8} {r['batch']:>5} "
-              f"{fmt(r['tokens_per_s'], '9.1f')} {fmt(r['ms_per_token'], '8.2f')} {fmt(r.get('rows_per_s'), '8.1f')} "
-              f"{fmt(r['speedup_vs_torch'], '7.2f')}x {fmt(r['greedy_agreement'], '7.4f')} "
-              f"{fmt(r['generated_tokens_equal'], '6.3f')}")
+        print(
+            f"{r['model']:10} {r['device']:6} {r['engine']:11} {r['variant']:13} {r['task']:8} {r['batch']:>5} "
+            f"{fmt(r['tokens_per_s'], '9.1f')} {fmt(r['ms_per_token'], '8.2f')} {fmt(r.get('rows_per_s'), '8.1f')} "
+            f"{fmt(r['speedup_vs_torch'], '7.2f')}x {fmt(r['greedy_agreement'], '7.4f')} "
+            f"{fmt(r['generated_tokens_equal'], '6.3f')}"
+        )
 
 
 def main() -> None:
@@ -230,7 +358,7 @@ def main() -> None:
             del subject
     print_table(rows)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptcore.data.sources import read_shakespeare  # noqa: E402
+from machine import write_json  # bench/machine.py: the machine beside the figures
+
+from gptcore.data.sources import read_shakespeare
 
 STAGES = """
 import json, sys, time
@@ -57,8 +59,11 @@ class TreeMemory(threading.Thread):
 
     def tree(self, pid: int) -> list[int]:
         try:
-            children = [int(c) for t in os.listdir(f"/proc/{pid}/task")
-                        for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+            children = [
+                int(c)
+                for t in os.listdir(f"/proc/{pid}/task")
+                for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()
+            ]
         except OSError:
             return []
         return [pid] + [p for c in children for p in self.tree(c)]
@@ -66,7 +71,8 @@ class TreeMemory(threading.Thread):
     @staticmethod
     def rss(pid: int) -> int:
         try:
-            line = next(ln for ln in open(f"/proc/{pid}/status") if ln.startswith("VmRSS:"))
+            with open(f"/proc/{pid}/status") as f:
+                line = next(ln for ln in f if ln.startswith("VmRSS:"))
         except (OSError, StopIteration):
             return 0
         return int(line.split()[1]) * 1024
@@ -130,8 +136,13 @@ def main() -> None:
     corpus_bytes = sum(p.stat().st_size for p in corpus.glob("*.jsonl"))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", STAGES, str(root), str(args.vocab)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STAGES, str(root), str(args.vocab)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     memory = TreeMemory(proc.pid)
     memory.start()
     stdout, stderr = proc.communicate()
@@ -157,14 +168,20 @@ def main() -> None:
         "ratio": text_bytes / 1e6 / e2e_s / raw_mb_per_s,
         "peak_mem_bytes": memory.peak,
     }
-    print(f"corpus {corpus_bytes / 1e9:.2f} GB JSONL ({text_bytes / 1e9:.2f} GB of text, {stages['documents']} documents)")
-    print(f"end to end: ingest {stages['ingest_s']:.1f} s + tokenizer {stages['tokenizer_s']:.1f} s "
-          f"-> {result['mb_per_s']:.2f} MB/s of text")
+    print(
+        f"corpus {corpus_bytes / 1e9:.2f} GB JSONL ({text_bytes / 1e9:.2f} GB of text, {stages['documents']} documents)"
+    )
+    print(
+        f"end to end: ingest {stages['ingest_s']:.1f} s + tokenizer {stages['tokenizer_s']:.1f} s "
+        f"-> {result['mb_per_s']:.2f} MB/s of text"
+    )
     print(f"raw encode_batch: {raw_mb_per_s:.2f} MB/s; ratio {result['ratio']:.3f}")
-    print(f"peak memory (resident, the stage process and its {workers} encoding workers together): "
-          f"{memory.peak / 2**20:.0f} MiB")
+    print(
+        f"peak memory (resident, the stage process and its {workers} encoding workers together): "
+        f"{memory.peak / 2**20:.0f} MiB"
+    )
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptcore.config import ModelConfig  # noqa: E402
-from gptcore.presets import PRESETS  # noqa: E402
-from gptcore.model import GPT  # noqa: E402
-from gptcore.perf import peak_flops, peak_memory_bytes  # noqa: E402
-from gptcore.train import autocast, configure_optimizers, enable_tf32  # noqa: E402
+from machine import write_json  # bench/machine.py: the machine beside the figures
+
+from gptcore.config import ModelConfig
+from gptcore.model import GPT
+from gptcore.presets import PRESETS
+from gptcore.train.loop import autocast, enable_tf32
+from gptcore.train.optim import configure_optimizers
+from gptcore.train.perf import peak_flops, peak_memory_bytes
 
 
 class ReferenceGPT(nn.Module):
@@ -37,8 +40,9 @@ class ReferenceGPT(nn.Module):
         super().__init__()
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-        layer = nn.TransformerEncoderLayer(cfg.n_embd, cfg.n_head, 4 * cfg.n_embd, dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            cfg.n_embd, cfg.n_head, 4 * cfg.n_embd, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
         self.blocks = nn.TransformerEncoder(layer, cfg.n_layer, enable_nested_tensor=False)
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -93,8 +97,12 @@ def measure(which: str, preset: str, device: torch.device, steps: int, warmup: i
     tokens_per_s = steps * B * T / seconds
     peak = peak_flops(device, peak_tflops)
     flops = GPT(model_cfg).flops_per_token() if which == "reference" else model.flops_per_token()
-    return {"tokens_per_s": tokens_per_s, "mfu": flops * tokens_per_s / peak if peak else None,
-            "peak_mem_bytes": peak_memory_bytes(device), "warmup_s": warmup_s}
+    return {
+        "tokens_per_s": tokens_per_s,
+        "mfu": flops * tokens_per_s / peak if peak else None,
+        "peak_mem_bytes": peak_memory_bytes(device),
+        "warmup_s": warmup_s,
+    }
 
 
 def main() -> None:
@@ -113,25 +121,52 @@ def main() -> None:
         return
     results = {}
     for which in ("gptcore", "reference"):
-        child = [sys.executable, __file__, "--only", which, "--preset", args.preset, "--device", args.device,
-                 "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        child = [
+            sys.executable,
+            __file__,
+            "--only",
+            which,
+            "--preset",
+            args.preset,
+            "--device",
+            args.device,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+        ]
         if args.peak_tflops:
             child += ["--peak-tflops", str(args.peak_tflops)]
         out = subprocess.run(child, check=True, capture_output=True, text=True).stdout
         results[which] = json.loads(out.strip().splitlines()[-1])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     g, r = results["gptcore"], results["reference"]
-    summary = {"device": name, "preset": args.preset, "steps": args.steps, "tokens_per_s": g["tokens_per_s"],
-               "mfu": g["mfu"], "peak_mem_bytes": g["peak_mem_bytes"], "reference_tokens_per_s": r["tokens_per_s"],
-               "reference_mfu": r["mfu"], "reference_peak_mem_bytes": r["peak_mem_bytes"],
-               "speedup": g["tokens_per_s"] / r["tokens_per_s"], "warmup_s": g["warmup_s"]}
+    summary = {
+        "device": name,
+        "preset": args.preset,
+        "steps": args.steps,
+        "tokens_per_s": g["tokens_per_s"],
+        "mfu": g["mfu"],
+        "peak_mem_bytes": g["peak_mem_bytes"],
+        "reference_tokens_per_s": r["tokens_per_s"],
+        "reference_mfu": r["mfu"],
+        "reference_peak_mem_bytes": r["peak_mem_bytes"],
+        "speedup": g["tokens_per_s"] / r["tokens_per_s"],
+        "warmup_s": g["warmup_s"],
+    }
     mfu = lambda v: "n/a (peak unknown)" if v is None else f"{v:.1%}"  # noqa: E731
     print(f"device {name}, preset {args.preset}, {args.steps} timed steps")
-    print(f"  gptcore    {g['tokens_per_s']:>12,.0f} tokens/s  MFU {mfu(g['mfu'])}  peak memory {g['peak_mem_bytes'] / 2**20:,.0f} MiB")
-    print(f"  reference  {r['tokens_per_s']:>12,.0f} tokens/s  MFU {mfu(r['mfu'])}  peak memory {r['peak_mem_bytes'] / 2**20:,.0f} MiB")
+    print(
+        f"  gptcore    {g['tokens_per_s']:>12,.0f} tokens/s  MFU {mfu(g['mfu'])}  "
+        f"peak memory {g['peak_mem_bytes'] / 2**20:,.0f} MiB"
+    )
+    print(
+        f"  reference  {r['tokens_per_s']:>12,.0f} tokens/s  MFU {mfu(r['mfu'])}  "
+        f"peak memory {r['peak_mem_bytes'] / 2**20:,.0f} MiB"
+    )
     print(f"  speedup    {summary['speedup']:.2f}x")
     if args.json:
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(args.json, summary)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -21,12 +20,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptcore.config import EvalConfig, ModelConfig, TrainConfig  # noqa: E402
-from gptcore.presets import PRESETS  # noqa: E402
-from gptcore.data.ingest import ingest  # noqa: E402
-from gptcore.evaluate import evaluate_lm  # noqa: E402
-from gptcore.pretrain import pretrain  # noqa: E402
-from gptcore.tokenizer import train_tokenizer  # noqa: E402
+from machine import write_json  # bench/machine.py: the machine beside the figures
+
+from gptcore.config import EvalConfig, ModelConfig, TrainConfig
+from gptcore.data.ingest import ingest
+from gptcore.data.tokenizer import train_tokenizer
+from gptcore.eval.lm import evaluate_lm
+from gptcore.presets import PRESETS
+from gptcore.train.pretrain import pretrain
 
 # What gptcore recommends for small models: rotary positions, RMSNorm, QK-norm, squared ReLU,
 # an untied head, the higher learning rate QK-norm makes stable, and Muon for the block
@@ -37,8 +38,14 @@ RECIPE_LR_SCALE = 2.0
 
 def train_for(budget_s: float, model: ModelConfig, train: TrainConfig, tokens: Path, out: Path) -> tuple[int, float]:
     """Pretrain for `budget_s` seconds of training (pretrain.time_budget_s); return (steps, seconds)."""
-    run = dataclasses.replace(train, max_steps=1_000_000, time_budget_s=budget_s, eval_interval=1_000_000,
-                              checkpoint_interval=1_000_000, log_interval=100)
+    run = dataclasses.replace(
+        train,
+        max_steps=1_000_000,
+        time_budget_s=budget_s,
+        eval_interval=1_000_000,
+        checkpoint_interval=1_000_000,
+        log_interval=100,
+    )
     result = pretrain(model, run, tokens, out / "run")
     return result.steps, result.train_seconds
 
@@ -48,8 +55,12 @@ def main() -> None:
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--budget", type=float, default=30.0, help="training seconds per recipe")
     p.add_argument("--workdir", type=Path, help="keep the runs here (default: a temporary directory)")
-    p.add_argument("--recipe-optimizer", default="muon", choices=["adamw", "muon"],
-                   help="the recipe's optimizer for the block matrices (the baseline keeps AdamW)")
+    p.add_argument(
+        "--recipe-optimizer",
+        default="muon",
+        choices=["adamw", "muon"],
+        help="the recipe's optimizer for the block matrices (the baseline keeps AdamW)",
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     cfg = PRESETS[args.preset]()
@@ -59,25 +70,43 @@ def main() -> None:
         train_tokenizer(cfg.tokenizer, root / "data", root / "tokenizer")
     recipes = {
         "baseline": (cfg.model, cfg.pretrain),
-        "recipe": (dataclasses.replace(cfg.model, **RECIPE),
-                   dataclasses.replace(cfg.pretrain, lr=cfg.pretrain.lr * RECIPE_LR_SCALE,
-                                       min_lr=cfg.pretrain.min_lr * RECIPE_LR_SCALE, optimizer=args.recipe_optimizer)),
+        "recipe": (
+            dataclasses.replace(cfg.model, **RECIPE),
+            dataclasses.replace(
+                cfg.pretrain,
+                lr=cfg.pretrain.lr * RECIPE_LR_SCALE,
+                min_lr=cfg.pretrain.min_lr * RECIPE_LR_SCALE,
+                optimizer=args.recipe_optimizer,
+            ),
+        ),
     }
     figures = {}
     for name, (model, train) in recipes.items():
         steps, seconds = train_for(args.budget, model, train, root / "tokenizer", root / name)
-        lm = evaluate_lm(EvalConfig(prompts=["ROMEO."], max_new_tokens=1), root / name / "run", root / "tokenizer",
-                         root / name / "eval")
+        lm = evaluate_lm(
+            EvalConfig(prompts=["ROMEO."], max_new_tokens=1),
+            root / name / "run",
+            root / "tokenizer",
+            root / name / "eval",
+        )
         figures[name] = {"val_bpb": lm.val["bpb"], "steps": steps, "train_s": seconds}
         print(f"{name:>8}: val {lm.val['bpb']:.4f} bits/byte after {steps} steps in {seconds:.1f} s")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
-    summary = {"device": device, "preset": args.preset, "budget_s": args.budget,
-               "baseline_bpb": figures["baseline"]["val_bpb"], "recipe_bpb": figures["recipe"]["val_bpb"],
-               "ratio": figures["recipe"]["val_bpb"] / figures["baseline"]["val_bpb"], "recipe": RECIPE,
-               "recipe_lr_scale": RECIPE_LR_SCALE, "recipe_optimizer": args.recipe_optimizer, "runs": figures}
+    summary = {
+        "device": device,
+        "preset": args.preset,
+        "budget_s": args.budget,
+        "baseline_bpb": figures["baseline"]["val_bpb"],
+        "recipe_bpb": figures["recipe"]["val_bpb"],
+        "ratio": figures["recipe"]["val_bpb"] / figures["baseline"]["val_bpb"],
+        "recipe": RECIPE,
+        "recipe_lr_scale": RECIPE_LR_SCALE,
+        "recipe_optimizer": args.recipe_optimizer,
+        "runs": figures,
+    }
     print(f"ratio recipe/baseline: {summary['ratio']:.3f} on {device}")
     if args.json:
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(args.json, summary)
 
 
 if __name__ == "__main__":

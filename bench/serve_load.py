@@ -31,11 +31,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptcore.fsutil import write_json  # noqa: E402
+from machine import write_json  # bench/machine.py: the machine beside the figures
 
 PROMPT = "ROMEO. What light through yonder window breaks?"
-TEXTS = ["The ship sailed out of the harbour on the morning tide.", "Wheat grew tall in the meadow.",
-         "A storm rolled over the sea.", "The farmer ploughed the field beside the old stone barn."] * 2
+TEXTS = [
+    "The ship sailed out of the harbour on the morning tide.",
+    "Wheat grew tall in the meadow.",
+    "A storm rolled over the sea.",
+    "The farmer ploughed the field beside the old stone barn.",
+] * 2
 
 
 def rss_mb(pid: int) -> float:
@@ -59,17 +63,34 @@ def free_port() -> int:
 @contextlib.contextmanager
 def server(models: list[str], token: str, args) -> Iterator[tuple[str, subprocess.Popen]]:
     port = free_port()
-    command = [sys.executable, "-m", "gptcore.cli", "serve", "--port", str(port), "--device", args.device,
-               "--max-concurrency", str(args.max_concurrency), "--max-queue", str(args.max_queue),
-               "--max-new-tokens", str(max(args.new_tokens, 1))]
+    command = [
+        sys.executable,
+        "-m",
+        "gptcore.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--device",
+        args.device,
+        "--max-concurrency",
+        str(args.max_concurrency),
+        "--max-queue",
+        str(args.max_queue),
+        "--max-new-tokens",
+        str(max(args.new_tokens, 1)),
+    ]
     for model in models:
         command += ["--model", model]
     if args.threads:
         command += ["--threads", str(args.threads)]
     log = Path(tempfile.mkstemp(prefix="gptcore-serve-", suffix=".log")[1])
-    env = {**os.environ, "GPTCORE_SERVE_TOKEN": token,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
-                                                       os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "GPTCORE_SERVE_TOKEN": token,
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])
+        ),
+    }
     with open(log, "w") as log_file:
         process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -96,8 +117,11 @@ def server(models: list[str], token: str, args) -> Iterator[tuple[str, subproces
 
 def call(client: httpx.Client, url: str, endpoint: str, args, seed: int) -> tuple[int, float, int]:
     """One request: (status, or 0 if it failed to complete; seconds; tokens generated)."""
-    body = ({"prompt": PROMPT, "max_new_tokens": args.new_tokens, "temperature": 0.8, "top_k": 50, "seed": seed}
-            if endpoint == "generate" else {"texts": TEXTS})
+    body = (
+        {"prompt": PROMPT, "max_new_tokens": args.new_tokens, "temperature": 0.8, "top_k": 50, "seed": seed}
+        if endpoint == "generate"
+        else {"texts": TEXTS}
+    )
     start = time.perf_counter()
     try:
         answer = client.post(f"{url}/v1/{endpoint}", json=body, timeout=args.request_timeout)
@@ -131,13 +155,20 @@ def load(url: str, token: str, endpoint: str, concurrency: int, args) -> dict:
     wall = time.perf_counter() - start
     ok = [(s, t, n) for s, t, n in results if s == 200]
     latencies = np.array([t for _, t, _ in ok]) * 1000 if ok else np.array([np.nan])
-    return {"phase": "load", "endpoint": endpoint, "concurrency": concurrency, "requests": len(results),
-            "ok": len(ok), "rejected_429": sum(s == 429 for s, _, _ in results),
-            "failures": sum(s not in (200, 429) for s, _, _ in results), "seconds": round(wall, 2),
-            "requests_per_s": round(len(ok) / wall, 2),
-            "tokens_per_s": round(sum(n for _, _, n in ok) / wall, 1) if endpoint == "generate" else None,
-            "p50_ms": round(float(np.percentile(latencies, 50)), 1),
-            "p99_ms": round(float(np.percentile(latencies, 99)), 1)}
+    return {
+        "phase": "load",
+        "endpoint": endpoint,
+        "concurrency": concurrency,
+        "requests": len(results),
+        "ok": len(ok),
+        "rejected_429": sum(s == 429 for s, _, _ in results),
+        "failures": sum(s not in (200, 429) for s, _, _ in results),
+        "seconds": round(wall, 2),
+        "requests_per_s": round(len(ok) / wall, 2),
+        "tokens_per_s": round(sum(n for _, _, n in ok) / wall, 1) if endpoint == "generate" else None,
+        "p50_ms": round(float(np.percentile(latencies, 50)), 1),
+        "p99_ms": round(float(np.percentile(latencies, 99)), 1),
+    }
 
 
 def burst(url: str, token: str, process: subprocess.Popen, args) -> dict:
@@ -155,16 +186,28 @@ def burst(url: str, token: str, process: subprocess.Popen, args) -> dict:
         results = list(pool.map(one, range(size)))
     alive = process.poll() is None and httpx.get(f"{url}/healthz", timeout=10).status_code == 200
     rejected = [t for s, t, _ in results if s == 429]
-    return {"phase": "burst", "endpoint": "generate", "concurrency": size, "requests": size,
-            "ok": sum(s == 200 for s, _, _ in results), "rejected_429": len(rejected),
-            "failures": sum(s not in (200, 429) for s, _, _ in results), "seconds": round(time.perf_counter() - start, 2),
-            "slowest_429_ms": round(max(rejected) * 1000, 1) if rejected else None, "server_alive": alive}
+    return {
+        "phase": "burst",
+        "endpoint": "generate",
+        "concurrency": size,
+        "requests": size,
+        "ok": sum(s == 200 for s, _, _ in results),
+        "rejected_429": len(rejected),
+        "failures": sum(s not in (200, 429) for s, _, _ in results),
+        "seconds": round(time.perf_counter() - start, 2),
+        "slowest_429_ms": round(max(rejected) * 1000, 1) if rejected else None,
+        "server_alive": alive,
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", required=True, help="package directory or models:/ URI (repeat "
-                   "for an LM and a classifier)")
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="package directory or models:/ URI (repeat for an LM and a classifier)",
+    )
     p.add_argument("--requests", type=int, default=200, help="at most this many requests per load phase")
     p.add_argument("--duration", type=float, default=20.0, help="at most this many seconds per load phase")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
@@ -193,21 +236,35 @@ def main() -> None:
             rows.append(burst(url, token, process, args))
         rss_after = rss_mb(process.pid)
 
-    print(f"{'phase':6} {'endpoint':9} {'conc':>4} {'reqs':>5} {'ok':>5} {'429':>4} {'fail':>4} {'req/s':>7} "
-          f"{'tok/s':>7} {'p50 ms':>7} {'p99 ms':>7}")
+    print(
+        f"{'phase':6} {'endpoint':9} {'conc':>4} {'reqs':>5} {'ok':>5} {'429':>4} {'fail':>4} {'req/s':>7} "
+        f"{'tok/s':>7} {'p50 ms':>7} {'p99 ms':>7}"
+    )
     for r in rows:
         cells = [("" if r.get(k) is None else r[k]) for k in ("requests_per_s", "tokens_per_s", "p50_ms", "p99_ms")]
-        print(f"{r['phase']:6} {r['endpoint']:9} {r['concurrency']:>4} {r['requests']:>5} {r['ok']:>5} "
-              f"{r['rejected_429']:>4} {r['failures']:>4} " + " ".join(f"{c:>7}" for c in cells))
+        print(
+            f"{r['phase']:6} {r['endpoint']:9} {r['concurrency']:>4} {r['requests']:>5} {r['ok']:>5} "
+            f"{r['rejected_429']:>4} {r['failures']:>4} " + " ".join(f"{c:>7}" for c in cells)
+        )
     burst_row = next((r for r in rows if r["phase"] == "burst"), None)
     if burst_row:
-        print(f"burst: slowest 429 answered in {burst_row['slowest_429_ms']} ms; server alive after: "
-              f"{burst_row['server_alive']}")
-    print(f"server RSS: {rss_before:.1f} MB after warm-up, {rss_after_load:.1f} MB after the load phases, "
-          f"{rss_after:.1f} MB after the burst")
+        print(
+            f"burst: slowest 429 answered in {burst_row['slowest_429_ms']} ms; server alive after: "
+            f"{burst_row['server_alive']}"
+        )
+    print(
+        f"server RSS: {rss_before:.1f} MB after warm-up, {rss_after_load:.1f} MB after the load phases, "
+        f"{rss_after:.1f} MB after the burst"
+    )
     if args.json:
-        write_json(args.json, {"rows": rows, "rss_mb": {"warm": rss_before, "after_load": rss_after_load,
-                                                         "after_burst": rss_after}, "models": args.model})
+        write_json(
+            args.json,
+            {
+                "rows": rows,
+                "rss_mb": {"warm": rss_before, "after_load": rss_after_load, "after_burst": rss_after},
+                "models": args.model,
+            },
+        )
     if any(r["failures"] for r in rows) or (burst_row and not burst_row["server_alive"]):
         sys.exit("failures under load (see the table)")
 

@@ -1,7 +1,7 @@
 """Promotion of one registered version as a Prefect flow: evaluated against the champion on a
 labelled file, it takes the `champion` alias only if it passes the promotion gate there.
 
-The work is `gptcore.evaluate_registered.promote_version`; this flow resolves the settings.
+The work is `gptcore.registry.promotion.promote_version`; this flow resolves the settings.
 """
 
 from __future__ import annotations
@@ -11,17 +11,25 @@ from typing import Any
 
 from prefect import flow
 
-from flows.pipeline import gptcore_logs_to_prefect
-from gptcore.evaluate_registered import promote_version
+from flows.tasks import gptcore_logs_to_prefect
 from gptcore.layout import Workdir
 from gptcore.presets import load_config
+from gptcore.registry.promotion import promote_version
 from gptcore.tracking import Tracking, load_settings
 
 
 @flow(name="gptcore-promote")
-def promote_flow(name: str, version: int, data_path: str, text_field: str = "text", label_field: str | None = None,
-                 preset: str = "default", config_path: str | None = None, workdir: str = "gptcore-work",
-                 mlflow_config: str | None = None) -> dict[str, Any]:
+def promote_flow(
+    name: str,
+    version: int,
+    data_path: str,
+    text_field: str = "text",
+    label_field: str | None = None,
+    preset: str = "default",
+    config_path: str | None = None,
+    workdir: str = "gptcore-work",
+    mlflow_config: str | None = None,
+) -> dict[str, Any]:
     """Evaluate `models:/NAME/VERSION` against `models:/NAME@champion` on `data_path`; promote on evidence.
 
     The gate's thresholds are the `registry` section of the preset/config, as at registration; a
@@ -32,7 +40,14 @@ def promote_flow(name: str, version: int, data_path: str, text_field: str = "tex
     cfg = load_config(config_path, preset)
     tracking = Tracking(load_settings(w.root, mlflow_config))
     with gptcore_logs_to_prefect():
-        result = promote_version(name, version, data_path, tracking, text_field=text_field,
-                                 label_field=label_field or cfg.finetune.label_field, gate=cfg.registry,
-                                 output=w.eval / f"promote_{name}_v{version}.json")
+        result = promote_version(
+            name,
+            version,
+            data_path,
+            tracking,
+            text_field=text_field,
+            label_field=label_field or cfg.finetune.label_field,
+            gate=cfg.registry,
+            output=w.eval / f"promote_{name}_v{version}.json",
+        )
     return asdict(result)

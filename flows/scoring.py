@@ -1,6 +1,6 @@
 """Batch scoring as a Prefect flow: a registered classifier over a file of texts, with drift monitoring.
 
-One task calls `gptcore.score.score`: the pipeline's `score` task, which retries a transient
+One task calls `gptcore.registry.score.score`: the pipeline's `score` task, which retries a transient
 network failure with backoff (the model comes from MLflow); a retry resumes from the chunks
 already scored. Every run publishes the markdown artifact `gptcore-scoring`; a run whose
 predictions drifted from the model's test-set predictions (a PSI above the threshold) also
@@ -19,18 +19,24 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, State
 
-from flows.pipeline import gptcore_logs_to_prefect, score_task
+from flows.summary import drift_markdown, scoring_markdown
+from flows.tasks import gptcore_logs_to_prefect, score_task
 from gptcore.config import ScoreConfig
-from gptcore.monitoring import drift_markdown, scoring_markdown
 from gptcore.tracking import Tracking, load_settings
 
 DRIFT_STATE = "DriftWarning"
 
 
 @flow(name="gptcore-scoring")
-def scoring_flow(input_path: str, output_path: str, model_uri: str = "models:/gptcore-classifier@champion",
-                 text_field: str = "text", workdir: str = "gptcore-work", mlflow_config: str | None = None,
-                 drift_threshold: float | None = None) -> dict[str, Any] | State:
+def scoring_flow(
+    input_path: str,
+    output_path: str,
+    model_uri: str = "models:/gptcore-classifier@champion",
+    text_field: str = "text",
+    workdir: str = "gptcore-work",
+    mlflow_config: str | None = None,
+    drift_threshold: float | None = None,
+) -> dict[str, Any] | State:
     """Classify every row of `input_path` into Parquet at `output_path` with `model_uri`; flag drift.
 
     MLflow settings come from `mlflow_config` (else as for the pipeline, `{workdir}` in them
@@ -40,15 +46,21 @@ def scoring_flow(input_path: str, output_path: str, model_uri: str = "models:/gp
         cfg = ScoreConfig() if drift_threshold is None else ScoreConfig(drift_threshold=drift_threshold)
         tracking = Tracking(load_settings(workdir, mlflow_config))
         result = score_task(model_uri, input_path, output_path, text_field, tracking, cfg)
-    create_markdown_artifact(scoring_markdown(result), key="gptcore-scoring",
-                             description=f"gptcore scoring: {result.rows} rows with {model_uri}")
+    create_markdown_artifact(
+        scoring_markdown(result),
+        key="gptcore-scoring",
+        description=f"gptcore scoring: {result.rows} rows with {model_uri}",
+    )
     summary = asdict(result)
     if not result.drift_warning:
         return summary
     drift = result.drift
-    message = (f"predictions drifted from {drift['reference']}: label PSI {drift['label_psi']:.3f}, confidence PSI "
-               f"{drift['confidence_psi']:.3f}, threshold {drift['threshold']}")
+    message = (
+        f"predictions drifted from {drift['reference']}: label PSI {drift['label_psi']:.3f}, confidence PSI "
+        f"{drift['confidence_psi']:.3f}, threshold {drift['threshold']}"
+    )
     get_run_logger().warning("%s", message)
-    create_markdown_artifact(drift_markdown(result), key="gptcore-drift",
-                             description=f"gptcore drift warning: {model_uri} on {input_path}")
+    create_markdown_artifact(
+        drift_markdown(result), key="gptcore-drift", description=f"gptcore drift warning: {model_uri} on {input_path}"
+    )
     return Completed(name=DRIFT_STATE, message=message, data=summary)

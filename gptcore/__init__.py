@@ -14,14 +14,17 @@ __version__ = "0.1.0"
 # stage name -> module that defines it; each is a plain function also exposed as a CLI verb.
 _STAGES = {
     "ingest": "gptcore.data.ingest",
-    "train_tokenizer": "gptcore.tokenizer",
-    "pretrain": "gptcore.pretrain",
-    "finetune": "gptcore.finetune",
-    "evaluate_lm": "gptcore.evaluate",
-    "evaluate_classifier": "gptcore.evaluate",
-    "export_lm_onnx": "gptcore.export",
-    "export_classifier_onnx": "gptcore.export",
-    "register": "gptcore.registry",
+    "train_tokenizer": "gptcore.data.tokenizer",
+    "pretrain": "gptcore.train.pretrain",
+    "finetune": "gptcore.train.finetune",
+    "sft": "gptcore.train.sft",
+    "evaluate_lm": "gptcore.eval.lm",
+    "evaluate_classifier": "gptcore.eval.classifier",
+    "evaluate_sft": "gptcore.eval.chat",
+    "export_lm_onnx": "gptcore.export.lm",
+    "export_classifier_onnx": "gptcore.export.classifier",
+    "register": "gptcore.registry.register",
+    "score": "gptcore.registry.score",
 }
 
 __all__ = ["__version__", *_STAGES]

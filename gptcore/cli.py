@@ -22,9 +22,9 @@ import sys
 from collections.abc import Callable
 
 from gptcore.config import PipelineConfig
-from gptcore.presets import PRESETS, load_config
 from gptcore.errors import ConfigError, GptcoreError
-from gptcore.layout import Workdir
+from gptcore.layout import CLASSIFIER_EVAL, LM_EVAL, Workdir
+from gptcore.presets import PRESETS, load_config
 from gptcore.tracking import Tracking, load_settings
 
 
@@ -53,15 +53,15 @@ def cmd_ingest(args, cfg: PipelineConfig) -> None:
 
 
 def cmd_tokenizer(args, cfg: PipelineConfig) -> None:
-    from gptcore.tokenizer import train_tokenizer
+    from gptcore.data.tokenizer import train_tokenizer
 
     w = Workdir(args.workdir)
     _print(train_tokenizer(cfg.tokenizer, w.data, w.tokenizer, _tracking(args)))
 
 
 def cmd_pretrain(args, cfg: PipelineConfig) -> None:
-    from gptcore.launch import pretrain_stage
-    from gptcore.pretrain import pretrain
+    from gptcore.train.launch import pretrain_stage
+    from gptcore.train.pretrain import pretrain
 
     w = Workdir(args.workdir)
     if "WORLD_SIZE" in os.environ:  # a rank that torchrun started: train, do not launch again
@@ -71,14 +71,14 @@ def cmd_pretrain(args, cfg: PipelineConfig) -> None:
 
 
 def cmd_finetune(args, cfg: PipelineConfig) -> None:
-    from gptcore.finetune import finetune
+    from gptcore.train.finetune import finetune
 
     w = Workdir(args.workdir)
     _print(finetune(cfg.finetune, w.pretrain, w.data, w.tokenizer, w.finetune, _tracking(args), resume=args.resume))
 
 
 def cmd_sft(args, cfg: PipelineConfig) -> None:
-    from gptcore.sft import sft
+    from gptcore.train.sft import sft
 
     w = Workdir(args.workdir)
     _print(sft(cfg.sft, w.pretrain, w.data, w.tokenizer, w.sft, _tracking(args), resume=args.resume))
@@ -87,7 +87,9 @@ def cmd_sft(args, cfg: PipelineConfig) -> None:
 def cmd_evaluate(args, cfg: PipelineConfig) -> None:
     if args.model or args.data:
         return cmd_evaluate_versions(args, cfg)
-    from gptcore.evaluate import evaluate_classifier, evaluate_lm
+    from gptcore.eval.chat import evaluate_sft
+    from gptcore.eval.classifier import evaluate_classifier
+    from gptcore.eval.lm import evaluate_lm
 
     w, t = Workdir(args.workdir), _tracking(args)
     if args.only in (None, "lm"):
@@ -95,93 +97,151 @@ def cmd_evaluate(args, cfg: PipelineConfig) -> None:
     if args.only in (None, "classifier"):
         _print(evaluate_classifier(w.finetune, w.data, w.tokenizer, w.eval, t))
     if args.only in (None, "sft"):
-        from gptcore.sft_eval import evaluate_sft
-
         _print(evaluate_sft(cfg.sft, w.sft, w.pretrain, w.data, w.tokenizer, w.eval, t))
 
 
 def cmd_evaluate_versions(args, cfg: PipelineConfig) -> None:
-    from gptcore.evaluate_registered import evaluate_versions
+    from gptcore.registry.compare import evaluate_versions
 
     if not (args.model and args.data):
-        raise ConfigError("evaluate: --model and --data go together: the versions to evaluate, and the file to "
-                          "evaluate them on")
+        raise ConfigError(
+            "evaluate: --model and --data go together: the versions to evaluate, and the file to evaluate them on"
+        )
     if args.only:
         raise ConfigError("evaluate: --only picks among the workdir's models; with --model, name the versions instead")
     settings = load_settings(args.workdir, args.mlflow_config)
-    _print(evaluate_versions(args.model, args.data, args.text_field, args.label_field, args.output, _tracking(args),
-                             settings.tracking_uri, settings.registry_uri, cfg.registry, args.device))
+    _print(
+        evaluate_versions(
+            args.model,
+            args.data,
+            args.text_field,
+            args.label_field,
+            args.output,
+            _tracking(args),
+            settings.tracking_uri,
+            settings.registry_uri,
+            cfg.registry,
+            args.device,
+        )
+    )
 
 
 def cmd_export(args, cfg: PipelineConfig) -> None:
-    from gptcore.export import export_classifier_onnx, export_lm_onnx
+    from gptcore.export.classifier import export_classifier_onnx
+    from gptcore.export.lm import export_lm_onnx
 
     w, t = Workdir(args.workdir), _tracking(args)
     if args.only in (None, "lm"):
-        _print(export_lm_onnx(cfg.export, w.pretrain, w.tokenizer, w.export_lm, t))
+        _print(export_lm_onnx(cfg.export, w.pretrain, w.tokenizer, w.export("lm"), t))
     if args.only in (None, "classifier"):
-        _print(export_classifier_onnx(cfg.export, w.finetune, w.data, w.tokenizer, w.export_classifier, t))
+        _print(export_classifier_onnx(cfg.export, w.finetune, w.data, w.tokenizer, w.export("classifier"), t))
 
 
 def cmd_register(args, cfg: PipelineConfig) -> None:
-    from gptcore.registry import register
+    from gptcore.registry.register import register
 
     w = Workdir(args.workdir)
     settings = load_settings(args.workdir, args.mlflow_config)
     if args.only in (None, "lm"):
-        _print(register(w.export_lm, w.eval / "lm_eval.json", cfg.registry.lm_name, Tracking(settings), cfg.to_dict(),
-                        cfg.registry))
+        _print(
+            register(
+                w.export("lm"), w.eval / LM_EVAL, cfg.registry.lm_name, Tracking(settings), cfg.to_dict(), cfg.registry
+            )
+        )
     if args.only in (None, "classifier"):
-        _print(register(w.export_classifier, w.eval / "classifier_eval.json", cfg.registry.classifier_name,
-                        Tracking(settings), cfg.to_dict(), cfg.registry))
+        _print(
+            register(
+                w.export("classifier"),
+                w.eval / CLASSIFIER_EVAL,
+                cfg.registry.classifier_name,
+                Tracking(settings),
+                cfg.to_dict(),
+                cfg.registry,
+            )
+        )
 
 
 def cmd_generate(args, cfg: PipelineConfig) -> None:
     from gptcore.runtime import OnnxLM, load_model
 
-    model = load_model(args.model, device=args.device, threads=args.threads, variant=args.variant,
-                       tracking_uri=load_settings(args.workdir, args.mlflow_config).tracking_uri)
+    model = load_model(
+        args.model,
+        device=args.device,
+        threads=args.threads,
+        variant=args.variant,
+        tracking_uri=load_settings(args.workdir, args.mlflow_config).tracking_uri,
+    )
     if not isinstance(model, OnnxLM):
         raise GptcoreError(f"{args.model}: is a classifier; `generate` needs a language model")
-    text = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    text = model.generate(
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     print(args.prompt + text)
 
 
 def cmd_score(args, cfg: PipelineConfig) -> None:
     from dataclasses import replace
 
-    from gptcore.score import score
+    from gptcore.registry.score import score
 
     score_cfg = cfg.score if args.batch_size is None else replace(cfg.score, batch_size=args.batch_size)
     _print(score(args.model, args.input, args.output, args.text_field, _tracking(args), score_cfg, args.device))
 
 
 def cmd_serve(args, cfg: PipelineConfig) -> None:
-    from gptcore.runtime.server import TOKEN_ENV, ServeConfig, ServeLimits, serve
+    from gptcore.runtime.serve.app import TOKEN_ENV, serve
+    from gptcore.runtime.serve.requests import ServeConfig, ServeLimits
 
     settings = load_settings(args.workdir, args.mlflow_config)
-    limits = ServeLimits(args.max_concurrency, args.max_queue, args.max_prompt_tokens, args.max_new_tokens,
-                         args.max_batch)
-    config = ServeConfig(args.model, limits, args.device, args.threads, args.variant, args.reload_interval,
-                         settings.tracking_uri, settings.registry_uri)
+    limits = ServeLimits(
+        args.max_concurrency, args.max_queue, args.max_prompt_tokens, args.max_new_tokens, args.max_batch
+    )
+    config = ServeConfig(
+        args.model,
+        limits,
+        args.device,
+        args.threads,
+        args.variant,
+        args.reload_interval,
+        settings.tracking_uri,
+        settings.registry_uri,
+    )
     serve(config, args.host, args.port, os.environ.get(TOKEN_ENV) or None)
 
 
 def cmd_explain(args, cfg: PipelineConfig) -> None:
-    from gptcore.explain import explain, format_table
+    from gptcore.eval.explain import explain
+    from gptcore.eval.explanation import format_table
 
     settings = load_settings(args.workdir, args.mlflow_config)
-    explanation = explain(args.model, args.text, settings.tracking_uri, settings.registry_uri, args.steps, args.html,
-                          tokenizer=Workdir(args.workdir).tokenizer / "tokenizer.json")
+    explanation = explain(
+        args.model,
+        args.text,
+        settings.tracking_uri,
+        settings.registry_uri,
+        args.steps,
+        args.html,
+        tokenizer=Workdir(args.workdir).tokenizer / "tokenizer.json",
+    )
     print(format_table(explanation))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptcore", description="Build a GPT from raw text, track it, register it, serve it.")
+    parser = argparse.ArgumentParser(
+        prog="gptcore", description="Build a GPT from raw text, track it, register it, serve it."
+    )
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--workdir", default="gptcore-work", help="where every stage reads and writes (default: %(default)s)")
-    common.add_argument("--preset", default="default", choices=sorted(PRESETS), help="base configuration (default: %(default)s)")
+    common.add_argument(
+        "--workdir", default="gptcore-work", help="where every stage reads and writes (default: %(default)s)"
+    )
+    common.add_argument(
+        "--preset", default="default", choices=sorted(PRESETS), help="base configuration (default: %(default)s)"
+    )
     common.add_argument("--config", help="YAML or TOML file whose fields override the preset")
     common.add_argument("--mlflow-config", help="MLflow settings file (default: ./mlflow.yaml, else built-in defaults)")
     common.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow")
@@ -194,22 +254,30 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = verb("pipeline", cmd_pipeline, "run the whole pipeline as a Prefect flow")
-    p.add_argument("--fresh", action="store_true",
-                   help="run every stage, even those an earlier run completed with the same inputs")
+    p.add_argument(
+        "--fresh", action="store_true", help="run every stage, even those an earlier run completed with the same inputs"
+    )
     verb("ingest", cmd_ingest, "read, clean and split the corpus")
     verb("tokenizer", cmd_tokenizer, "train the BPE tokenizer and encode the splits")
     for name, fn in (("pretrain", cmd_pretrain), ("finetune", cmd_finetune), ("sft", cmd_sft)):
         p = verb(name, fn, f"{name} (resumable)")
         p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     pair = ["lm", "classifier"]
-    for name, fn, models in (("evaluate", cmd_evaluate, [*pair, "sft"]), ("export", cmd_export, pair),
-                             ("register", cmd_register, pair)):
+    for name, fn, models in (
+        ("evaluate", cmd_evaluate, [*pair, "sft"]),
+        ("export", cmd_export, pair),
+        ("register", cmd_register, pair),
+    ):
         p = verb(name, fn, f"{name} the workdir's models ({', '.join(models)})")
         p.add_argument("--only", choices=models, help="just one of them")
     p = sub.choices["evaluate"]
-    p.add_argument("--model", action="append", help="evaluate this version (models:/NAME@ALIAS, models:/NAME/VERSION "
-                   "or a package directory) on --data instead of the workdir's models; repeat it to compare "
-                   "versions with the first")
+    p.add_argument(
+        "--model",
+        action="append",
+        help="evaluate this version (models:/NAME@ALIAS, models:/NAME/VERSION "
+        "or a package directory) on --data instead of the workdir's models; repeat it to compare "
+        "versions with the first",
+    )
     p.add_argument("--data", help=".parquet, .jsonl or .csv to evaluate the --model versions on")
     p.add_argument("--text-field", default="text")
     p.add_argument("--label-field", default="label", help="a classifier's labels: class names or integers")
@@ -224,38 +292,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--variant", default="auto", choices=["auto", "fp32", "fp16", "int8"],
-                   help="precision variant of the package (auto: fp16 on CUDA, fp32 on CPU)")
+    p.add_argument(
+        "--variant",
+        default="auto",
+        choices=["auto", "fp32", "fp16", "int8"],
+        help="precision variant of the package (auto: fp16 on CUDA, fp32 on CPU)",
+    )
     p.add_argument("--threads", type=int, help="CPU threads (default: ONNX Runtime's)")
     p = verb("score", cmd_score, "classify a file of texts with an ONNX classifier into Parquet")
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a package directory")
     p.add_argument("--input", required=True, help=".parquet, .jsonl or .csv with a text column")
     p.add_argument("--output", required=True, help="Parquet file to write")
     p.add_argument("--text-field", default="text")
-    p.add_argument("--batch-size", type=int, help="texts per ONNX Runtime call (default: score.batch_size of the config)")
+    p.add_argument(
+        "--batch-size", type=int, help="texts per ONNX Runtime call (default: score.batch_size of the config)"
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p = verb("serve", cmd_serve, "serve a language model and/or a classifier over HTTP (bearer token from "
-             "$GPTCORE_SERVE_TOKEN)")
-    p.add_argument("--model", action="append", required=True, help="models:/NAME@ALIAS (followed as the alias "
-                   "moves), models:/NAME/VERSION or a package directory; repeat for an LM and a classifier")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind; beyond loopback only with a token "
-                   "(default: %(default)s)")
+    p = verb(
+        "serve",
+        cmd_serve,
+        "serve a language model and/or a classifier over HTTP (bearer token from $GPTCORE_SERVE_TOKEN)",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="models:/NAME@ALIAS (followed as the alias "
+        "moves), models:/NAME/VERSION or a package directory; repeat for an LM and a classifier",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind; beyond loopback only with a token (default: %(default)s)"
+    )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per model (default: all cores)")
-    p.add_argument("--variant", default="auto", choices=["auto", "fp32", "fp16", "int8"],
-                   help="the package's precision variant (default: fp16 on CUDA where present, else fp32)")
+    p.add_argument(
+        "--variant",
+        default="auto",
+        choices=["auto", "fp32", "fp16", "int8"],
+        help="the package's precision variant (default: fp16 on CUDA where present, else fp32)",
+    )
     p.add_argument("--max-concurrency", type=int, default=4, help="model calls running at once (default: %(default)s)")
-    p.add_argument("--max-queue", type=int, default=32, help="requests waiting for a model call; beyond: 429 "
-                   "(default: %(default)s)")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=32,
+        help="requests waiting for a model call; beyond: 429 (default: %(default)s)",
+    )
     p.add_argument("--max-prompt-tokens", type=int, default=1024, help="default: %(default)s")
     p.add_argument("--max-new-tokens", type=int, default=256, help="default: %(default)s")
     p.add_argument("--max-batch", type=int, default=32, help="texts per /v1/classify request (default: %(default)s)")
-    p.add_argument("--reload-interval", type=float, default=30.0, help="seconds between registry polls of a "
-                   "models:/NAME@ALIAS model; 0: never reload (default: %(default)s)")
-    p = verb("explain", cmd_explain, "per-token attributions (integrated gradients) of the torch classifier for one text")
-    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint directory "
-                   "(one without tokenizer.json uses the workdir's tokenizer)")
+    p.add_argument(
+        "--reload-interval",
+        type=float,
+        default=30.0,
+        help="seconds between registry polls of a models:/NAME@ALIAS model; 0: never reload (default: %(default)s)",
+    )
+    p = verb(
+        "explain", cmd_explain, "per-token attributions (integrated gradients) of the torch classifier for one text"
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint directory "
+        "(one without tokenizer.json uses the workdir's tokenizer)",
+    )
     p.add_argument("--text", required=True)
     p.add_argument("--steps", type=int, default=32, help="integration steps (default: %(default)s)")
     p.add_argument("--html", help="also write the explanation as an HTML page here")

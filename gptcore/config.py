@@ -12,18 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from gptcore.errors import ConfigError
-
-
-def _check(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}: {message}")
-
-
-def _positive(obj: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        _check(value > 0, name, f"must be > 0, got {value!r}")
+from gptcore.errors import check, check_non_negative, check_one_of, check_positive, check_within
 
 
 @dataclass
@@ -65,20 +54,21 @@ class IngestConfig:
     """Stream Hugging Face datasets instead of downloading them whole first."""
 
     def __post_init__(self) -> None:
-        _check(len(self.sources) > 0, "sources", "needs at least one source")
-        _check(self.invalid_utf8 in ("fail", "replace"), "invalid_utf8", f"must be fail or replace, got {self.invalid_utf8!r}")
-        _check(self.bad_records in ("fail", "skip"), "bad_records", f"must be fail or skip, got {self.bad_records!r}")
-        _check(0 < self.near_dedup_threshold <= 1, "near_dedup_threshold",
-               f"must be in (0, 1], got {self.near_dedup_threshold}")
-        _positive(self, "min_document_bytes", "max_document_bytes")
-        _check(self.min_document_bytes <= self.max_document_bytes, "min_document_bytes",
-               f"{self.min_document_bytes} exceeds max_document_bytes={self.max_document_bytes}")
+        check(len(self.sources) > 0, "sources", "needs at least one source")
+        check_one_of(self, "invalid_utf8", ("fail", "replace"))
+        check_one_of(self, "bad_records", ("fail", "skip"))
+        check_within(self, "near_dedup_threshold", 0, 1, low_open=True)
+        check_positive(self, "min_document_bytes", "max_document_bytes")
+        check(
+            self.min_document_bytes <= self.max_document_bytes,
+            "min_document_bytes",
+            f"{self.min_document_bytes} exceeds max_document_bytes={self.max_document_bytes}",
+        )
         for spec in self.filters:
-            _check(spec.count(":") == 1 and all(spec.split(":")), "filters", f"{spec!r} is not 'module:function'")
-        _check(bool(self.text_field), "text_field", "must not be empty")
+            check(spec.count(":") == 1 and all(spec.split(":")), "filters", f"{spec!r} is not 'module:function'")
+        check(bool(self.text_field), "text_field", "must not be empty")
         for name in ("val_fraction", "test_fraction"):
-            value = getattr(self, name)
-            _check(0 < value < 0.5, name, f"must be in (0, 0.5), got {value!r}")
+            check_within(self, name, 0, 0.5, low_open=True, high_open=True)
 
 
 @dataclass
@@ -96,9 +86,9 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         # 256 byte tokens + the special tokens must fit.
-        _check(self.vocab_size >= 260, "vocab_size", f"must be >= 260, got {self.vocab_size}")
-        _positive(self, "min_frequency", "sample_bytes", "shard_tokens")
-        _check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        check(self.vocab_size >= 260, "vocab_size", f"must be >= 260, got {self.vocab_size}")
+        check_positive(self, "min_frequency", "sample_bytes", "shard_tokens")
+        check_non_negative(self, "workers")
 
 
 @dataclass
@@ -129,15 +119,18 @@ class ModelConfig:
     """Share one matrix between the token embedding and the LM head (GPT-2)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "block_size", "n_layer", "n_head", "n_embd")
-        for name, allowed in (("position", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
-                              ("mlp", ("gelu", "relu2", "swiglu"))):
-            _check(getattr(self, name) in allowed, name, f"must be one of {allowed}, got {getattr(self, name)!r}")
-        _check(self.position != "rope" or (self.n_embd // self.n_head) % 2 == 0, "position",
-               "rope needs an even head size (n_embd / n_head)")
-        _check(self.n_embd % self.n_head == 0, "n_embd", f"{self.n_embd} is not divisible by n_head={self.n_head}")
-        _check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
-        _check(self.vocab_size is None or self.vocab_size > 0, "vocab_size", f"must be > 0, got {self.vocab_size}")
+        check_positive(self, "block_size", "n_layer", "n_head", "n_embd")
+        check_one_of(self, "position", ("learned", "rope"))
+        check_one_of(self, "norm", ("layernorm", "rmsnorm"))
+        check_one_of(self, "mlp", ("gelu", "relu2", "swiglu"))
+        check(
+            self.position != "rope" or (self.n_embd // self.n_head) % 2 == 0,
+            "position",
+            "rope needs an even head size (n_embd / n_head)",
+        )
+        check(self.n_embd % self.n_head == 0, "n_embd", f"{self.n_embd} is not divisible by n_head={self.n_head}")
+        check_within(self, "dropout", 0, 1, high_open=True)
+        check_positive(self, "vocab_size", unset_ok=True)
 
 
 @dataclass
@@ -191,24 +184,31 @@ class TrainConfig:
     """The device's dense bf16 peak for MFU; known GPUs (H100, H200, A100) need none, CPUs have no MFU without it."""
 
     def __post_init__(self) -> None:
-        _positive(self, "max_steps", "batch_size", "grad_accum_steps", "lr", "eval_interval", "nproc_per_node",
-                  "eval_batches", "log_interval", "checkpoint_interval", "keep_checkpoints")
-        _check(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
-        _check(0 <= self.warmup_steps < self.max_steps, "warmup_steps",
-               f"must be in [0, max_steps={self.max_steps}), got {self.warmup_steps}")
-        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _check(0 < self.beta1 < 1 and 0 < self.beta2 < 1, "beta1/beta2", "must be in (0, 1)")
-        _check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
-        _check(self.optimizer in ("adamw", "muon"), "optimizer", f"must be adamw or muon, got {self.optimizer!r}")
-        _check(self.muon_lr > 0, "muon_lr", f"must be > 0, got {self.muon_lr}")
-        _check(self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s",
-               f"must be > 0, got {self.time_budget_s}")
-        _check(self.parallelism in ("ddp", "fsdp"), "parallelism", f"must be ddp or fsdp, got {self.parallelism!r}")
-        _check(not (self.parallelism == "fsdp" and self.optimizer == "muon"), "parallelism",
-               "fsdp shards each matrix, and Muon needs whole matrices: use optimizer adamw with fsdp")
-        _check(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", f"must be > 0, got {self.peak_tflops}")
-        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-               "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
+        check_positive(self, "max_steps", "batch_size", "grad_accum_steps", "lr", "nproc_per_node")
+        check_positive(self, "eval_interval", "eval_batches", "log_interval", "checkpoint_interval", "keep_checkpoints")
+        check(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
+        check(
+            0 <= self.warmup_steps < self.max_steps,
+            "warmup_steps",
+            f"must be in [0, max_steps={self.max_steps}), got {self.warmup_steps}",
+        )
+        for name in ("beta1", "beta2"):
+            check_within(self, name, 0, 1, low_open=True, high_open=True)
+        check_non_negative(self, "weight_decay", "grad_clip")
+        check_one_of(self, "optimizer", ("adamw", "muon"))
+        check_positive(self, "muon_lr")
+        check_positive(self, "time_budget_s", "peak_tflops", unset_ok=True)
+        check_one_of(self, "parallelism", ("ddp", "fsdp"))
+        check(
+            not (self.parallelism == "fsdp" and self.optimizer == "muon"),
+            "parallelism",
+            "fsdp shards each matrix, and Muon needs whole matrices: use optimizer adamw with fsdp",
+        )
+        check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "device",
+            f"must be auto, cpu or cuda[:N], got {self.device!r}",
+        )
 
 
 @dataclass
@@ -241,13 +241,15 @@ class PeftConfig:
 
     def check_peft(self) -> None:
         """Validate the fields above; a subclass with a `__post_init__` of its own calls this from it."""
-        methods = ("full", "lora", "adapter", "prefix")
-        _check(self.method in methods, "method", f"must be one of {methods}, got {self.method!r}")
-        _positive(self, "lora_rank", "lora_alpha", "adapter_size", "prefix_tokens")
-        _check(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        check_one_of(self, "method", ("full", "lora", "adapter", "prefix"))
+        check_positive(self, "lora_rank", "lora_alpha", "adapter_size", "prefix_tokens")
+        check_within(self, "lora_dropout", 0, 1, high_open=True)
         known = {"attn.qkv", "attn.proj", "mlp.fc", "mlp.proj", "wte"}
-        _check(bool(self.lora_targets) and set(self.lora_targets) <= known, "lora_targets",
-               f"must be a non-empty subset of {sorted(known)}, got {self.lora_targets}")
+        check(
+            bool(self.lora_targets) and set(self.lora_targets) <= known,
+            "lora_targets",
+            f"must be a non-empty subset of {sorted(known)}, got {self.lora_targets}",
+        )
 
 
 @dataclass
@@ -266,8 +268,8 @@ class FinetuneConfig(TrainConfig, PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_peft()
-        _check(bool(self.label_field), "label_field", "must not be empty")
-        _positive(self, "passage_tokens", "patience")
+        check(bool(self.label_field), "label_field", "must not be empty")
+        check_positive(self, "passage_tokens", "patience")
 
 
 @dataclass
@@ -299,16 +301,17 @@ class SFTConfig(TrainConfig, PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_peft()
-        _check(self.method != "prefix", "method", "prefix-tuning is for classification; use full, lora or adapter")
-        _check(self.method != "lora" or "wte" not in self.lora_targets, "lora_targets",
-               "wte is tied to the LM head: LoRA on it would change the head at merge; leave it out")
-        _positive(self, "patience", "eval_conversations", "max_new_tokens", "top_k")
-        _check(self.samples >= 0, "samples", f"must be >= 0, got {self.samples}")
-        _check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        check(self.method != "prefix", "method", "prefix-tuning is for classification; use full, lora or adapter")
+        check(
+            self.method != "lora" or "wte" not in self.lora_targets,
+            "lora_targets",
+            "wte is tied to the LM head: LoRA on it would change the head at merge; leave it out",
+        )
+        check_positive(self, "patience", "eval_conversations", "max_new_tokens", "top_k")
+        check_non_negative(self, "samples", "temperature")
         for name in ("val_fraction", "test_fraction"):
-            value = getattr(self, name)
-            _check(0 < value < 0.5, name, f"must be in (0, 0.5), got {value!r}")
-        _check(self.data is None or bool(self.data.strip()), "data", "must be a path to a chat JSONL file, or unset")
+            check_within(self, name, 0, 0.5, low_open=True, high_open=True)
+        check(self.data is None or bool(self.data.strip()), "data", "must be a path to a chat JSONL file, or unset")
 
 
 @dataclass
@@ -324,8 +327,8 @@ class EvalConfig:
     tokens scored document by document for the per-document bpb (whole documents, in split order)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "max_new_tokens", "top_k", "max_eval_tokens")
-        _check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        check_positive(self, "max_new_tokens", "top_k", "max_eval_tokens")
+        check_non_negative(self, "temperature")
 
 
 @dataclass
@@ -347,12 +350,12 @@ class ExportConfig:
     """...and the int8 variant on this share."""
 
     def __post_init__(self) -> None:
-        _positive(self, "parity_atol", "parity_tokens")
-        _check(self.opset >= 17, "opset", f"must be >= 17 (LayerNormalization), got {self.opset}")
+        check_positive(self, "parity_atol", "parity_tokens")
+        check(self.opset >= 17, "opset", f"must be >= 17 (LayerNormalization), got {self.opset}")
         unknown = sorted(set(self.variants) - {"fp16", "int8"})
-        _check(not unknown, "variants", f"unknown {unknown}; choose among fp16, int8 (fp32 is always exported)")
+        check(not unknown, "variants", f"unknown {unknown}; choose among fp16, int8 (fp32 is always exported)")
         for name in ("min_agreement_fp16", "min_agreement_int8"):
-            _check(0 <= getattr(self, name) <= 1, name, f"must be in [0, 1], got {getattr(self, name)}")
+            check_within(self, name, 0, 1)
 
 
 @dataclass
@@ -373,11 +376,9 @@ class RegistryConfig:
     """Resamples of the paired bootstrap."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.lm_name) and bool(self.classifier_name), "lm_name/classifier_name", "must not be empty")
-        _check(self.min_improvement >= 0, "min_improvement", f"must be >= 0, got {self.min_improvement}")
-        _check(self.lm_min_improvement >= 0, "lm_min_improvement", f"must be >= 0, got {self.lm_min_improvement}")
-        _check(self.guard_tolerance >= 0, "guard_tolerance", f"must be >= 0, got {self.guard_tolerance}")
-        _check(self.bootstrap_resamples >= 100, "bootstrap_resamples", f"must be >= 100, got {self.bootstrap_resamples}")
+        check(bool(self.lm_name) and bool(self.classifier_name), "lm_name/classifier_name", "must not be empty")
+        check_non_negative(self, "min_improvement", "lm_min_improvement", "guard_tolerance")
+        check(self.bootstrap_resamples >= 100, "bootstrap_resamples", f"must be >= 100, got {self.bootstrap_resamples}")
 
 
 @dataclass
@@ -392,7 +393,7 @@ class ScoreConfig:
     against the model's own test-set predictions exceeds this (0.25: the usual line of a major shift)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "chunk_rows", "batch_size", "drift_threshold")
+        check_positive(self, "chunk_rows", "batch_size", "drift_threshold")
 
 
 @dataclass
@@ -409,8 +410,11 @@ class PipelineConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
 
     def __post_init__(self) -> None:
-        _check(self.finetune.passage_tokens <= self.model.block_size, "finetune.passage_tokens",
-               f"{self.finetune.passage_tokens} exceeds model.block_size={self.model.block_size}")
+        check(
+            self.finetune.passage_tokens <= self.model.block_size,
+            "finetune.passage_tokens",
+            f"{self.finetune.passage_tokens} exceeds model.block_size={self.model.block_size}",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -62,16 +62,6 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def read_stage_output(out_dir: str | Path, name: str, what: str, verb: str) -> Any:
-    """The JSON a stage left in `out_dir`, or an error saying which verb produces it."""
-    from gptcore.errors import InputError
-
-    path = Path(out_dir) / name
-    if not path.is_file():
-        raise InputError(f"{out_dir}: no {what} here (missing {name}); run `gptcore {verb}` first")
-    return read_json(path)
-
-
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

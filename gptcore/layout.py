@@ -1,9 +1,48 @@
-"""Where each stage writes inside a work directory: the CLI and the flows agree through this."""
+"""Where each stage writes, and the names of what it writes: the producers, the readers
+(`gptcore.results`), the CLI and the flows agree through this module alone.
+
+    WORKDIR/data/        ingest: {train,val,test}.parquet, manifest.json
+    WORKDIR/tokenizer/   tokenizer: tokenizer.json, {split}_NNNNN.bin shards, tokens.json
+    WORKDIR/pretrain/    pretrain: checkpoints/step_*/, best/, metrics.jsonl, result.json
+    WORKDIR/finetune/    finetune: the same
+    WORKDIR/sft/         chat SFT: the same, plus tokenizer.json with the chat tokens
+    WORKDIR/eval/        the three evaluations, each with files of its own (EVAL_FILES)
+    WORKDIR/export/lm/, export/classifier/   ONNX model packages (gptcore_model.json describes each)
+    WORKDIR/scores/      batch scoring's output
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+SPLITS = ("train", "val", "test")
+INGEST_MANIFEST = "manifest.json"
+TOKENS_MANIFEST = "tokens.json"
+TOKENIZER_FILE = "tokenizer.json"
+RESULT_FILE = "result.json"  # a training stage's result, in its directory
+BEST_DIR = "best"  # a training stage's best weights
+PACKAGE_META = "gptcore_model.json"
+
+# The tokenizer's special tokens: documents end in EOT; PAD fills batches and never carries loss.
+EOT, PAD = "<|endoftext|>", "<|pad|>"
+SPECIAL_TOKENS = [EOT, PAD]
+
+LM_EVAL, LM_SAMPLES, DOC_BPB_FILE = "lm_eval.json", "samples.txt", "lm_doc_bpb.npz"
+CLASSIFIER_EVAL, CONFUSION_MATRIX, ATTRIBUTIONS = "classifier_eval.json", "confusion_matrix.png", "attributions.html"
+PREDICTIONS_FILE, SCORING_REFERENCE_FILE = "classifier_predictions.npz", "classifier_scoring_reference.npz"
+SFT_EVAL, SFT_SAMPLES = "sft_eval.json", "sft_samples.md"
+# The evaluations share WORKDIR/eval: each owns only these files there.
+EVAL_FILES = {
+    "lm": (LM_EVAL, LM_SAMPLES, DOC_BPB_FILE),
+    "classifier": (CLASSIFIER_EVAL, CONFUSION_MATRIX, ATTRIBUTIONS, PREDICTIONS_FILE, SCORING_REFERENCE_FILE),
+    "sft": (SFT_EVAL, SFT_SAMPLES),
+}
+
+# The registry: aliases, and the tags naming what a version keeps beside its model.
+CHAMPION, CHALLENGER = "champion", "challenger"
+CHECKPOINT_ARTIFACT, CHECKPOINT_TAG = "checkpoint", "gptcore.checkpoint_artifact"
+PREDICTIONS_TAG, SCORING_REFERENCE_TAG = "gptcore.predictions_artifact", "gptcore.scoring_reference_artifact"
 
 
 @dataclass(frozen=True)
@@ -37,13 +76,9 @@ class Workdir:
     def eval(self) -> Path:
         return self.root / "eval"
 
-    @property
-    def export_lm(self) -> Path:
-        return self.root / "export" / "lm"
-
-    @property
-    def export_classifier(self) -> Path:
-        return self.root / "export" / "classifier"
+    def export(self, kind: str) -> Path:
+        """The ONNX package of `kind` (lm or classifier)."""
+        return self.root / "export" / kind
 
     @property
     def scores(self) -> Path:

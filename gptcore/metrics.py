@@ -1,16 +1,36 @@
-"""Metrics in plain numpy (no torch): classification reports with bootstrap intervals, and bits per byte.
+"""Metrics in plain numpy (no torch): classification reports with bootstrap intervals, the per-token
+negative log-likelihood, and bits per byte, pooled and per document.
 
 Confidence intervals are percentile bootstrap intervals: the test examples are resampled with
 replacement and every statistic is recomputed from each resample's confusion matrix, all
-resamples at once. Bits per byte divides the summed negative log-likelihood (nats) by ln 2 and by the UTF-8 bytes
-the predicted tokens stand for, so models with different tokenizers compare on one scale.
+resamples at once. Bits per byte divides the summed negative log-likelihood (nats) by ln 2 and
+by the UTF-8 bytes the predicted tokens stand for, so models with different tokenizers compare
+on one scale.
+
+Per-document bits per byte scores each document on its own, the way the model met documents in
+training: after an <|endoftext|>, up to and including its closing <|endoftext|> (which costs
+nats but stands for no bytes). A document longer than the context is read through windows of
+block_size tokens that slide by half a block, each scoring only the targets the previous one
+did not: every target past the first window sees between block_size/2 and block_size tokens of
+its own document, for about twice the cost of scoring it once. Documents never see each other,
+so a document's figure depends neither on its neighbours nor on the order of the split. The
+PyTorch evaluation and the ONNX runtime score through the same windows.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
+
+# A target that carries no loss (padding, a prompt's tokens, a position not scored); the same in
+# the PyTorch loss (`gptcore.model.token_nll`) and here.
+IGNORE_INDEX = -100
+# Floats of logits one batch may hold (64 MB in float32): rows per batch shrink as windows and
+# the vocabulary grow, so a 50k vocabulary at block_size 1024 still fits a small machine.
+LOGITS_BUDGET = 1 << 24
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -34,8 +54,12 @@ def classification_report(y_true: np.ndarray, probs: np.ndarray, labels: list[st
         "macro_f1": float(stats["macro_f1"]),
         "ece": expected_calibration_error(y_true, probs) if len(y_true) else 0.0,
         "per_class": {
-            label: {"precision": float(stats["precision"][k]), "recall": float(stats["recall"][k]),
-                    "f1": float(stats["f1"][k]), "support": int(cm[k].sum())}
+            label: {
+                "precision": float(stats["precision"][k]),
+                "recall": float(stats["recall"][k]),
+                "f1": float(stats["f1"][k]),
+                "support": int(cm[k].sum()),
+            }
             for k, label in enumerate(labels)
         },
         "confusion_matrix": cm.tolist(),
@@ -52,14 +76,20 @@ def class_stats(cm: np.ndarray) -> dict[str, np.ndarray]:
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=(precision + recall) > 0)
     present = support > 0
     macro_f1 = np.divide((f1 * present).sum(-1), present.sum(-1), out=np.zeros(tp.shape[:-1]), where=present.any(-1))
-    return {"accuracy": tp.sum(-1) / np.maximum(cm.sum((-2, -1)), 1), "macro_f1": macro_f1,
-            "precision": precision, "recall": recall, "f1": f1}
+    return {
+        "accuracy": tp.sum(-1) / np.maximum(cm.sum((-2, -1)), 1),
+        "macro_f1": macro_f1,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+    }
 
 
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
     """|accuracy - confidence| per equal-width confidence bin, averaged with the bins' weights."""
-    return float(_ece(np.asarray(y_true)[None], np.asarray(probs).max(1)[None],
-                      np.asarray(probs).argmax(1)[None], bins)[0])
+    return float(
+        _ece(np.asarray(y_true)[None], np.asarray(probs).max(1)[None], np.asarray(probs).argmax(1)[None], bins)[0]
+    )
 
 
 def _ece(y_true: np.ndarray, confidence: np.ndarray, y_pred: np.ndarray, bins: int) -> np.ndarray:
@@ -87,8 +117,15 @@ def _resamples(n: int, resamples: int, seed: int):
         yield rng.integers(0, n, size=(min(200, resamples - start), n))
 
 
-def bootstrap_intervals(y_true: np.ndarray, probs: np.ndarray, labels: list[str], resamples: int = 1000,
-                        seed: int = 0, level: float = 0.95, bins: int = 15) -> dict:
+def bootstrap_intervals(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    labels: list[str],
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    bins: int = 15,
+) -> dict:
     """Percentile intervals [low, high] of accuracy, macro-F1, ECE and per-class precision/recall/F1."""
     y_true, probs = np.asarray(y_true), np.asarray(probs)
     draws: dict[str, list[np.ndarray]] = {}
@@ -99,14 +136,25 @@ def bootstrap_intervals(y_true: np.ndarray, probs: np.ndarray, labels: list[str]
     bounds = {name: np.percentile(np.concatenate(v), q, axis=0) for name, v in draws.items()}
     return {
         **{name: bounds[name].tolist() for name in ("accuracy", "macro_f1", "ece")},
-        "per_class": {label: {m: bounds[m][:, j].tolist() for m in ("precision", "recall", "f1")}
-                      for j, label in enumerate(labels)},
-        "level": level, "resamples": resamples,
+        "per_class": {
+            label: {m: bounds[m][:, j].tolist() for m in ("precision", "recall", "f1")}
+            for j, label in enumerate(labels)
+        },
+        "level": level,
+        "resamples": resamples,
     }
 
 
-def paired_bootstrap(y_true: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, num_classes: int,
-                     resamples: int = 1000, seed: int = 0, level: float = 0.95, bins: int = 15) -> dict:
+def paired_bootstrap(
+    y_true: np.ndarray,
+    probs_a: np.ndarray,
+    probs_b: np.ndarray,
+    num_classes: int,
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    bins: int = 15,
+) -> dict:
     """b minus a on the same examples: per metric (accuracy, macro_f1, ece) the difference and its interval.
 
     Both models are scored on the same resample each time, so what the examples have in common
@@ -126,8 +174,14 @@ def paired_bootstrap(y_true: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarra
     return {m: {"delta": point[m], "ci": np.percentile(np.concatenate(d), q).tolist()} for m, d in deltas.items()}
 
 
-def paired_bpb_bootstrap(nats_a: np.ndarray, nats_b: np.ndarray, n_bytes: np.ndarray, resamples: int = 1000,
-                         seed: int = 0, level: float = 0.95) -> dict:
+def paired_bpb_bootstrap(
+    nats_a: np.ndarray,
+    nats_b: np.ndarray,
+    n_bytes: np.ndarray,
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict:
     """a's bits per byte minus b's (the reduction b brings) on the same documents, and its interval.
 
     Per document: each model's summed NLL in nats, and the document's bytes. Each resample pools
@@ -137,12 +191,18 @@ def paired_bpb_bootstrap(nats_a: np.ndarray, nats_b: np.ndarray, n_bytes: np.nda
     nats_a, nats_b, n_bytes = (np.asarray(x, dtype=np.float64) for x in (nats_a, nats_b, n_bytes))
     scale = math.log(2)
     bpb_a, bpb_b = nats_a.sum() / scale / n_bytes.sum(), nats_b.sum() / scale / n_bytes.sum()
-    deltas = [(nats_a[idx].sum(1) - nats_b[idx].sum(1)) / scale / n_bytes[idx].sum(1)
-              for idx in _resamples(len(n_bytes), resamples, seed)]
+    deltas = [
+        (nats_a[idx].sum(1) - nats_b[idx].sum(1)) / scale / n_bytes[idx].sum(1)
+        for idx in _resamples(len(n_bytes), resamples, seed)
+    ]
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
-    return {"bpb": {"a": float(bpb_a), "b": float(bpb_b)},
-            "reduction": {"delta": float(bpb_a - bpb_b), "ci": np.percentile(np.concatenate(deltas), q).tolist()},
-            "documents": len(n_bytes), "level": level, "resamples": resamples}
+    return {
+        "bpb": {"a": float(bpb_a), "b": float(bpb_b)},
+        "reduction": {"delta": float(bpb_a - bpb_b), "ci": np.percentile(np.concatenate(deltas), q).tolist()},
+        "documents": len(n_bytes),
+        "level": level,
+        "resamples": resamples,
+    }
 
 
 def majority_baseline(train_labels: np.ndarray, y_true: np.ndarray, labels: list[str]) -> dict:
@@ -181,3 +241,85 @@ def population_stability_index(expected: np.ndarray, actual: np.ndarray, eps: fl
     e = np.maximum(expected / expected.sum(), eps)
     a = np.maximum(actual / actual.sum(), eps)
     return float(np.sum((a - e) * np.log(a / e)))
+
+
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """(..., V) logits over the tokenizer's vocabulary, (...) targets -> (...) NLL in nats, 0 where
+    the target is IGNORE_INDEX. The numpy twin of `gptcore.model.token_nll` (for ONNX Runtime's logits)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    peak = logits.max(axis=-1, keepdims=True)
+    log_z = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[..., 0]
+    scored = targets != IGNORE_INDEX
+    picked = np.take_along_axis(logits, np.where(scored, targets, 0)[..., None], axis=-1)[..., 0]
+    return np.where(scored, log_z - picked, 0.0)
+
+
+def document_windows(docs: Sequence[np.ndarray], eot_id: int, block_size: int) -> list[tuple[np.ndarray, int, int]]:
+    """(window of up to block_size + 1 ids, how many of its last targets to score, document index)."""
+    stride = max(1, block_size // 2)
+    windows = []
+    for d, doc in enumerate(docs):
+        seq = np.concatenate([[eot_id], doc, [eot_id]]).astype(np.int64)
+        n, end = len(seq) - 1, min(block_size, len(seq) - 1)
+        windows.append((seq[: end + 1], end, d))
+        while end < n:
+            new_end = min(end + stride, n)
+            windows.append((seq[new_end - block_size : new_end + 1], new_end - end, d))
+            end = new_end
+    return windows
+
+
+def score_documents(
+    docs: Sequence[np.ndarray],
+    eot_id: int,
+    block_size: int,
+    vocab_size: int,
+    nll_fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
+) -> np.ndarray:
+    """Summed NLL (nats) of each document's targets.
+
+    `nll_fn(inputs, targets)` takes (B, W) ids and next-token targets (IGNORE_INDEX where not
+    scored) and returns (B, W) NLLs, 0 where not scored. Inputs are right-padded: under causal
+    attention padding after a position cannot change it.
+    """
+    windows = sorted(document_windows(docs, eot_id, block_size), key=lambda w: -len(w[0]))
+    nats = np.zeros(len(docs), dtype=np.float64)
+    i = 0
+    while i < len(windows):
+        width = len(windows[i][0]) - 1
+        rows = windows[i : i + max(1, LOGITS_BUDGET // (width * vocab_size))]
+        inputs = np.full((len(rows), width), eot_id, dtype=np.int64)
+        targets = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+        for r, (seq, scored, _) in enumerate(rows):
+            inputs[r, : len(seq) - 1] = seq[:-1]
+            targets[r, len(seq) - 1 - scored : len(seq) - 1] = seq[len(seq) - scored :]
+        np.add.at(nats, [d for _, _, d in rows], np.asarray(nll_fn(inputs, targets), dtype=np.float64).sum(1))
+        i += len(rows)
+    return nats
+
+
+def document_distribution(scores) -> dict:
+    """Per-document bits per byte (a `gptcore.results.DocScores`) summarised, the pooled figure beside it."""
+    bpb = scores.bpb
+    p10, median, p90 = np.percentile(bpb, [10, 50, 90]).tolist()
+    return {
+        "documents": len(bpb),
+        "mean": float(bpb.mean()),
+        "median": median,
+        "p10": p10,
+        "p90": p90,
+        "min": float(bpb.min()),
+        "max": float(bpb.max()),
+        "bpb": bits_per_byte(float(scores.nats.sum()), int(scores.bytes.sum())),
+        "tokens": int(scores.tokens.sum()),
+        "bytes": int(scores.bytes.sum()),
+    }
+
+
+def documents_digest(doc_ids: Sequence[str], texts: Sequence[str]) -> str:
+    """A digest of the scored documents (ids and text), not of their tokens: bits per byte
+    compares models across tokenizers, so pairing does too."""
+    h = hashlib.sha256()
+    for doc_id, text in zip(doc_ids, texts):
+        h.update(f"{doc_id}\0{len(text)}\0{text}".encode())
+    return h.hexdigest()

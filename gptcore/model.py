@@ -10,18 +10,22 @@ never targets: they only make the embedding and LM-head matmuls tile well on GPU
 
 The same forward serves training (no cache, no mask: the fast causal path of
 `scaled_dot_product_attention`), batched generation with left padding (attention mask +
-position ids + KV cache) and the ONNX export, which traces the cached path.
+position ids + KV cache) and the ONNX export, which traces the cached path. Every loss and
+score goes through `token_nll`: the softmax over the tokenizer's V ids, never the padding rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 from gptcore.config import ModelConfig
+from gptcore.metrics import IGNORE_INDEX
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values, each (B, H, P, D)
 
@@ -141,6 +145,19 @@ def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+def token_nll(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(..., V padded) logits, (...) next-token ids -> (...) NLL in nats, 0 where the target is IGNORE_INDEX.
+
+    The softmax runs over the tokenizer's `vocab_size` ids only, as the exported graph's logits
+    do, so training, evaluation and ONNX Runtime (`gptcore.metrics.token_nll`) score one distribution.
+    """
+    logits = logits[..., :vocab_size].float()
+    nll = F.cross_entropy(
+        logits.reshape(-1, vocab_size), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return nll.view(targets.shape)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -180,6 +197,24 @@ class GPT(nn.Module):
         n = self.num_parameters() - (self.wpe.weight.numel() if self.wpe is not None else 0)
         return 6 * n + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * cfg.block_size
 
+    @torch.no_grad()
+    def grow_vocab(self, vocab_size: int) -> None:
+        """Take `vocab_size` ids (new special tokens, e.g. a chat template's): new rows are the mean embedding."""
+        old = self.cfg.vocab_size
+        if vocab_size <= old:
+            return
+        rows = padded_vocab_size(vocab_size)
+        for module in (self.wte,) if self.cfg.tie_embeddings else (self.wte, self.lm_head):
+            weight = module.weight  # (V, C)
+            if rows > weight.shape[0]:  # past the padding rows: a bigger table
+                grown = torch.zeros(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+                grown[: weight.shape[0]] = weight
+                module.weight = nn.Parameter(grown)
+            module.weight[old:vocab_size] = module.weight[:old].mean(dim=0)
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.cfg = dataclasses.replace(self.cfg, vocab_size=vocab_size)
+
     def hidden_states(
         self,
         idx: torch.Tensor,  # (B, T) token ids
@@ -213,14 +248,14 @@ class GPT(nn.Module):
     def forward(
         self,
         idx: torch.Tensor,  # (B, T)
-        targets: torch.Tensor | None = None,  # (B, T) next-token ids, -100 = ignore
+        targets: torch.Tensor | None = None,  # (B, T) next-token ids, IGNORE_INDEX = no loss
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         h, _ = self.hidden_states(idx, **kwargs)
         logits = self.lm_head(h)  # (B, T, V)
         loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        if targets is not None:  # the mean over the targets that carry loss
+            loss = token_nll(logits, targets, self.cfg.vocab_size).sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
         return logits, loss
 
     @torch.no_grad()
@@ -296,3 +331,37 @@ class GPTClassifier(nn.Module):
         last = (attention_mask.sum(dim=1) - 1).clamp(min=0)  # (B,)
         pooled = h[torch.arange(h.shape[0], device=h.device), last]  # (B, C)
         return self.head(pooled)
+
+
+def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids right-padded with `pad_id`, (B, T) mask of real tokens: the classifier's inputs."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def classify(model: GPTClassifier, sequences: list[list[int]], pad_id: int, batch_size: int) -> np.ndarray:
+    """(N, K) class probabilities of token-id sequences (passages, or texts as scoring reads them)."""
+    device = next(model.parameters()).device
+    probs = []
+    for i in range(0, len(sequences), batch_size):
+        ids, mask = pad_right(sequences[i : i + batch_size], pad_id)
+        probs.append(F.softmax(model(ids.to(device), mask.to(device)).float(), dim=-1).cpu().numpy())
+    return np.concatenate(probs)
+
+
+@torch.no_grad()
+def sequence_nll(model: GPT, inputs: np.ndarray, targets: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """(N, T) ids and next-token targets (IGNORE_INDEX: not scored) -> (N, T) NLL in nats, 0 where not scored."""
+    device = next(model.parameters()).device
+    nll = []
+    for i in range(0, len(inputs), batch_size):
+        logits, _ = model(torch.as_tensor(inputs[i : i + batch_size], device=device))
+        y = torch.as_tensor(targets[i : i + batch_size], device=device)
+        nll.append(token_nll(logits, y, model.cfg.vocab_size).cpu().numpy())
+    return np.concatenate(nll).astype(np.float64)

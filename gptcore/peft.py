@@ -129,8 +129,10 @@ class Prefix(nn.Module):
         self.values = nn.Parameter(torch.zeros(shape))
 
     def forward(self, batch: int) -> KVCache:  # per layer (B, H, P, D) x 2, views of the parameters
-        return [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
-                for k, v in zip(self.keys.unbind(0), self.values.unbind(0))]
+        return [
+            (k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+            for k, v in zip(self.keys.unbind(0), self.values.unbind(0))
+        ]
 
     @torch.no_grad()
     def start_from(self, gpt: GPT, ids: torch.Tensor) -> None:
@@ -145,8 +147,13 @@ class Prefix(nn.Module):
 def _describe(cfg: PeftConfig) -> dict[str, Any]:
     """The method and what `restore_peft` needs to rebuild its modules: what a checkpoint stores as meta["peft"]."""
     if cfg.method == "lora":
-        return {"method": "lora", "targets": list(cfg.lora_targets), "rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
-                "dropout": cfg.lora_dropout}
+        return {
+            "method": "lora",
+            "targets": list(cfg.lora_targets),
+            "rank": cfg.lora_rank,
+            "alpha": cfg.lora_alpha,
+            "dropout": cfg.lora_dropout,
+        }
     if cfg.method == "adapter":
         return {"method": "adapter", "size": cfg.adapter_size}
     if cfg.method == "prefix":
@@ -183,15 +190,24 @@ def restore_peft(model: nn.Module, description: dict[str, Any]) -> nn.Module:
     method = description["method"]
     if method == "lora":
         rank, alpha = description["rank"], description["alpha"]
-        _wrap(model, description["targets"], (nn.Linear, nn.Embedding),
-              lambda base: LoRALinear(base, rank, alpha, description["dropout"]) if type(base) is nn.Linear
-              else LoRAEmbedding(base, rank, alpha))
+        _wrap(
+            model,
+            description["targets"],
+            (nn.Linear, nn.Embedding),
+            lambda base: (
+                LoRALinear(base, rank, alpha, description["dropout"])
+                if type(base) is nn.Linear
+                else LoRAEmbedding(base, rank, alpha)
+            ),
+        )
     elif method == "adapter":
         _wrap(model, ADAPTER_TARGETS, (nn.Linear,), lambda base: AdapterLinear(base, description["size"]))
     elif method == "prefix":
         if not isinstance(model, GPTClassifier):
-            raise ValueError(f"prefix-tuning needs a GPTClassifier (it puts the prefix before the passage), "
-                             f"not a {type(model).__name__}: use lora or adapter for a language model")
+            raise ValueError(
+                f"prefix-tuning needs a GPTClassifier (it puts the prefix before the passage), "
+                f"not a {type(model).__name__}: use lora or adapter for a language model"
+            )
         model.prefix = Prefix(model.gpt.cfg, description["tokens"]).to(model.head.weight.device)
     elif method != "full":
         raise ValueError(f"unknown fine-tuning method {method!r}")
@@ -200,8 +216,9 @@ def restore_peft(model: nn.Module, description: dict[str, Any]) -> nn.Module:
 
 def _wrap(model: nn.Module, targets: list[str] | tuple[str, ...], kinds: tuple[type, ...], make) -> None:
     """Replace every module of exactly one of `kinds` whose dotted name ends with a target by `make(module)`."""
-    names = [n for n, m in model.named_modules()
-             if type(m) in kinds and any(n == t or n.endswith("." + t) for t in targets)]
+    names = [
+        n for n, m in model.named_modules() if type(m) in kinds and any(n == t or n.endswith("." + t) for t in targets)
+    ]
     if not names:
         raise ValueError(f"no {' or '.join(k.__name__ for k in kinds)} layer matches the targets {list(targets)}")
     for name in names:

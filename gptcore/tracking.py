@@ -119,8 +119,10 @@ def is_transient(error: BaseException | None) -> bool:
 def _is_network_error(error: BaseException) -> bool:
     # Only libraries already imported can have raised their errors.
     requests, httpx = sys.modules.get("requests"), sys.modules.get("httpx")
-    return bool((requests and isinstance(error, (requests.ConnectionError, requests.Timeout)))
-                or (httpx and isinstance(error, httpx.TransportError)))
+    return bool(
+        (requests and isinstance(error, (requests.ConnectionError, requests.Timeout)))
+        or (httpx and isinstance(error, httpx.TransportError))
+    )
 
 
 def _http_status(error: BaseException) -> int | None:
@@ -192,8 +194,15 @@ class StageRun:
             self.last_error = e
             wait = min(self.RETRY_AFTER_S * 2 ** (self.failures - 1), self.MAX_RETRY_AFTER_S)
             self.next_attempt = time.monotonic() + wait
-            log.warning("%s unreachable (%s: %s): keeping %d metric values of run %s to send later (next try in %.0fs)",
-                        self.label, type(e).__name__, e, len(self.pending), self.run_id, wait)
+            log.warning(
+                "%s unreachable (%s: %s): keeping %d metric values of run %s to send later (next try in %.0fs)",
+                self.label,
+                type(e).__name__,
+                e,
+                len(self.pending),
+                self.run_id,
+                wait,
+            )
             return False
         if self.failures:
             log.info("%s reachable again: sent the %d metric values kept for run %s", self.label, sent, self.run_id)
@@ -206,7 +215,8 @@ class StageRun:
             raise TrackingUnavailable(
                 f"{self.label} still unreachable at the end of the stage: {len(self.pending)} metric values of run "
                 f"{self.run_id} are not logged (last error: {type(self.last_error).__name__}: {self.last_error}). "
-                "The stage's outputs are written (a training stage's metrics.jsonl keeps every logged step)")
+                "The stage's outputs are written (a training stage's metrics.jsonl keeps every logged step)"
+            )
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.enabled:
@@ -237,9 +247,15 @@ class StageRun:
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         # MLflow keeps 36 characters of a dataset digest; the full sha256 goes in the tag.
-        dataset = Dataset(name=name, digest=digest[:32], source_type="local",
-                          source=json.dumps({"uri": str(Path(manifest).resolve())}))
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+        dataset = Dataset(
+            name=name,
+            digest=digest[:32],
+            source_type="local",
+            source=json.dumps({"uri": str(Path(manifest).resolve())}),
+        )
+        self.client.log_inputs(
+            self.run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])]
+        )
         self.log_artifact(manifest)
 
     def artifact_uri(self, artifact_path: str) -> str | None:
@@ -297,4 +313,3 @@ def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
-

@@ -1,20 +1,41 @@
-"""Shared fixtures: small corpora built by the tests, tiny configs, a real MLflow store."""
+"""Shared fixtures and helpers: small corpora built by the tests, tiny configs and models trained on
+them, their ONNX packages, a real MLflow store, one Prefect server per session; the markers."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from gptcore.config import ExportConfig, FinetuneConfig, IngestConfig, ModelConfig, TokenizerConfig, TrainConfig
+from gptcore.config import (
+    EvalConfig,
+    ExportConfig,
+    FinetuneConfig,
+    IngestConfig,
+    ModelConfig,
+    TokenizerConfig,
+    TrainConfig,
+)
 from gptcore.tracking import Tracking, TrackingSettings
 from tests.servers import servers  # noqa: F401  (session fixture: the secured Prefect and MLflow servers)
 
+REPO = Path(__file__).resolve().parents[1]
+# For tests that run gptcore in a subprocess: one thread, fixed hashing, this checkout first on the path.
+SUBPROCESS_ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "PYTHONHASHSEED": "0",
+    "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+}
+
 WORDS = {
-    "sea": "wave salt ship sail tide anchor harbour gull storm deck".split(),
-    "land": "hill field plough barn wheat orchard fence meadow cart stone".split(),
+    "sea": ["wave", "salt", "ship", "sail", "tide", "anchor", "harbour", "gull", "storm", "deck"],
+    "land": ["hill", "field", "plough", "barn", "wheat", "orchard", "fence", "meadow", "cart", "stone"],
 }
 
 
@@ -29,16 +50,67 @@ def write_labelled_corpus(path: Path, docs_per_label: int = 20, seed: int = 0) -
     return path
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every integration test is `slow`; a `gpu` test is skipped, saying why, where there is no CUDA GPU."""
+    integration = Path(__file__).parent / "integration"
+    no_gpu = None
+    for item in items:
+        if integration in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("gpu") is not None:
+            if no_gpu is None:
+                no_gpu = cuda_unavailable()
+            if no_gpu:
+                item.add_marker(pytest.mark.skip(reason=no_gpu))
+
+
+def cuda_unavailable() -> str:
+    """Why the GPU tests cannot run here ('' when they can)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"no CUDA GPU (torch {torch.__version__}: torch.cuda.is_available() is False)"
+    return ""
+
+
+def topic_texts(n: int, topics=("sea", "land"), seed: int = 0) -> list[str]:
+    """Texts of 12 words, each from one topic, the topics taking turns."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS[topics[i % len(topics)]]) for _ in range(12)) for i in range(n)]
+
+
+def write_input(path: Path, table: pa.Table) -> None:
+    """`table` as the file type `path` names: .jsonl, .csv or .parquet."""
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in table.to_pylist()))
+    elif path.suffix == ".csv":
+        import pyarrow.csv as pcsv
+
+        pcsv.write_csv(table, path)
+    else:
+        pq.write_table(table, path)
+
+
+def input_file(tmp_path: Path, suffix: str, n: int = 45) -> Path:
+    """A file of `n` labelled topic texts to score."""
+    src = tmp_path / f"in{suffix}"
+    labels = ["sea", "land"] * (n // 2) + ["sea"] * (n % 2)
+    write_input(src, pa.table({"id": list(range(n)), "text": topic_texts(n), "label": labels}))
+    return src
+
+
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> dict[str, Path]:
     """Ingested + tokenized two-topic corpus: {'data': dir, 'tokenizer': dir, 'root': dir}."""
     from gptcore.data.ingest import ingest
-    from gptcore.tokenizer import train_tokenizer
+    from gptcore.data.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("small")
     source = write_labelled_corpus(root / "corpus.jsonl")
-    ingest(IngestConfig(sources=[str(source)], metadata_fields=["label"], val_fraction=0.15, test_fraction=0.15),
-           root / "data")
+    ingest(
+        IngestConfig(sources=[str(source)], metadata_fields=["label"], val_fraction=0.15, test_fraction=0.15),
+        root / "data",
+    )
     train_tokenizer(TokenizerConfig(vocab_size=300, min_frequency=1), root / "data", root / "tokenizer")
     return {"root": root, "data": root / "data", "tokenizer": root / "tokenizer"}
 
@@ -50,38 +122,87 @@ def tiny_model_cfg() -> ModelConfig:
 
 @pytest.fixture
 def tiny_train_cfg() -> TrainConfig:
-    return TrainConfig(max_steps=20, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_interval=10,
-                       eval_batches=2, log_interval=5, checkpoint_interval=10, keep_checkpoints=5, device="cpu")
+    return TrainConfig(
+        max_steps=20,
+        batch_size=8,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=2,
+        eval_interval=10,
+        eval_batches=2,
+        log_interval=5,
+        checkpoint_interval=10,
+        keep_checkpoints=5,
+        device="cpu",
+    )
 
 
 @pytest.fixture
 def mlflow_tracking(tmp_path) -> Tracking:
     """A real MLflow store (SQLite file + local artifacts) private to the test."""
-    return Tracking(TrackingSettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", registry_uri=None,
-                                     artifact_location=str(tmp_path / "artifacts"), experiment="test"))
+    return Tracking(
+        TrackingSettings(
+            tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+            registry_uri=None,
+            artifact_location=str(tmp_path / "artifacts"),
+            experiment="test",
+        )
+    )
+
+
+@pytest.fixture(scope="session")
+def pretrained(small_corpus, tmp_path_factory):
+    """A tiny GPT pretrained for 30 steps on the small corpus: the fine-tuning tests' starting point."""
+    from gptcore.train.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("pre")
+    pretrain(
+        ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=32),
+        TrainConfig(max_steps=30, batch_size=8, warmup_steps=2, eval_interval=30, checkpoint_interval=30, device="cpu"),
+        small_corpus["tokenizer"],
+        out,
+    )
+    return out
 
 
 @pytest.fixture(scope="session")
 def trained(small_corpus, tmp_path_factory):
     """A tiny GPT pretrained and a classifier fine-tuned on the small corpus."""
-    from gptcore.finetune import finetune
-    from gptcore.pretrain import pretrain
+    from gptcore.train.finetune import finetune
+    from gptcore.train.pretrain import pretrain
 
     root = tmp_path_factory.mktemp("trained")
-    pretrain(ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=32),
-             TrainConfig(max_steps=100, batch_size=8, warmup_steps=5, eval_interval=50, checkpoint_interval=100,
-                         device="cpu"),
-             small_corpus["tokenizer"], root / "pre")
-    finetune(FinetuneConfig(label_field="label", passage_tokens=24, max_steps=80, batch_size=16, warmup_steps=5,
-                            eval_interval=40, checkpoint_interval=80, device="cpu"),
-             root / "pre", small_corpus["data"], small_corpus["tokenizer"], root / "ft")
+    pretrain(
+        ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=32),
+        TrainConfig(
+            max_steps=100, batch_size=8, warmup_steps=5, eval_interval=50, checkpoint_interval=100, device="cpu"
+        ),
+        small_corpus["tokenizer"],
+        root / "pre",
+    )
+    finetune(
+        FinetuneConfig(
+            label_field="label",
+            passage_tokens=24,
+            max_steps=80,
+            batch_size=16,
+            warmup_steps=5,
+            eval_interval=40,
+            checkpoint_interval=80,
+            device="cpu",
+        ),
+        root / "pre",
+        small_corpus["data"],
+        small_corpus["tokenizer"],
+        root / "ft",
+    )
     return {**small_corpus, "pre": root / "pre", "ft": root / "ft", "root": root}
 
 
 @pytest.fixture(scope="session")
 def lm_package(trained):
     """The tiny GPT exported to an ONNX package (parity-checked)."""
-    from gptcore.export import export_lm_onnx
+    from gptcore.export.lm import export_lm_onnx
 
     return export_lm_onnx(ExportConfig(), trained["pre"], trained["tokenizer"], trained["root"] / "lm")
 
@@ -89,10 +210,41 @@ def lm_package(trained):
 @pytest.fixture(scope="session")
 def classifier_package(trained):
     """The tiny classifier exported to an ONNX package (parity-checked)."""
-    from gptcore.export import export_classifier_onnx
+    from gptcore.export.classifier import export_classifier_onnx
 
-    return export_classifier_onnx(ExportConfig(), trained["ft"], trained["data"], trained["tokenizer"],
-                                  trained["root"] / "clf")
+    return export_classifier_onnx(
+        ExportConfig(), trained["ft"], trained["data"], trained["tokenizer"], trained["root"] / "clf"
+    )
+
+
+@pytest.fixture(scope="session")
+def onnx_classifier(classifier_package):
+    """The tiny classifier's package in an ONNX Runtime session (CPU, one thread)."""
+    from gptcore.runtime import load_model
+
+    return load_model(classifier_package.package_dir, device="cpu", threads=1)
+
+
+@pytest.fixture(scope="session")
+def lm_evaluation(trained, tmp_path_factory):
+    """The tiny GPT evaluated on the small corpus, each test document scored on its own."""
+    from gptcore.eval.lm import evaluate_lm
+
+    return evaluate_lm(
+        EvalConfig(prompts=["x"], max_new_tokens=1),
+        trained["pre"],
+        trained["tokenizer"],
+        tmp_path_factory.mktemp("lm_eval"),
+        data_dir=trained["data"],
+    )
+
+
+@pytest.fixture(scope="session")
+def classifier_evaluation(trained, tmp_path_factory):
+    """The tiny classifier evaluated on its test split (report, predictions, scoring reference)."""
+    from gptcore.eval.classifier import evaluate_classifier
+
+    return evaluate_classifier(trained["ft"], trained["data"], trained["tokenizer"], tmp_path_factory.mktemp("eval"))
 
 
 @pytest.fixture(scope="session")

@@ -103,8 +103,9 @@ class PrefectServer:
         """In-process Prefect clients talk to this server, sending `auth_string` (None: nothing)."""
         from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY, PREFECT_API_URL, temporary_settings
 
-        with temporary_settings({PREFECT_API_URL: self.api_url, PREFECT_API_AUTH_STRING: auth_string},
-                                restore_defaults={PREFECT_API_KEY}):
+        with temporary_settings(
+            {PREFECT_API_URL: self.api_url, PREFECT_API_AUTH_STRING: auth_string}, restore_defaults={PREFECT_API_KEY}
+        ):
             yield
 
 
@@ -115,8 +116,11 @@ class MlflowServer:
     password: str
 
     def client_env(self) -> dict[str, str]:
-        return {"MLFLOW_TRACKING_URI": self.uri, "MLFLOW_TRACKING_USERNAME": self.username,
-                "MLFLOW_TRACKING_PASSWORD": self.password}
+        return {
+            "MLFLOW_TRACKING_URI": self.uri,
+            "MLFLOW_TRACKING_USERNAME": self.username,
+            "MLFLOW_TRACKING_PASSWORD": self.password,
+        }
 
 
 @dataclass(frozen=True)
@@ -132,13 +136,38 @@ def prefect_server_spec(root: Path, auth_string: str) -> tuple[ServerSpec, Prefe
     deployments' schedules are stored, but no scheduled run starts behind a test's back."""
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    env = clean_env(PREFECT_HOME=root / "home", PREFECT_SERVER_API_AUTH_STRING=auth_string,
-                    PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{root}/prefect.db",
-                    PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false",
-                    PREFECT_SERVER_UI_ENABLED="false")
+    env = clean_env(
+        PREFECT_HOME=root / "home",
+        PREFECT_SERVER_API_AUTH_STRING=auth_string,
+        PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{root}/prefect.db",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false",
+        PREFECT_SERVER_UI_ENABLED="false",
+    )
     cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    return (ServerSpec(cmd, env, root / "server.log", f"http://127.0.0.1:{port}/api/health"),
-            PrefectServer(f"http://127.0.0.1:{port}/api", auth_string))
+    return (
+        ServerSpec(cmd, env, root / "server.log", f"http://127.0.0.1:{port}/api/health"),
+        PrefectServer(f"http://127.0.0.1:{port}/api", auth_string),
+    )
+
+
+def mlflow_server_command(root: Path, port: int, *extra: str) -> list[str]:
+    """`mlflow server` on loopback `port`: runs in SQLite and artifacts in a directory, both under `root`."""
+    return [
+        str(BIN / "mlflow"),
+        "server",
+        *extra,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{root}/mlflow.db",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--workers",
+        "1",
+    ]
 
 
 def mlflow_server_spec(root: Path, password: str) -> tuple[ServerSpec, MlflowServer]:
@@ -148,16 +177,18 @@ def mlflow_server_spec(root: Path, password: str) -> tuple[ServerSpec, MlflowSer
     port = free_port()
     config = root / "basic_auth.ini"
     # auth_cache_ttl_seconds: each request otherwise pays a PBKDF2 check (about a second here)
-    config.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root}/auth.db\n"
-                      f"admin_username = {MLFLOW_ADMIN}\nadmin_password = {password}\n"
-                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-                      "auth_cache_ttl_seconds = 600\n")
+    config.write_text(
+        f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root}/auth.db\n"
+        f"admin_username = {MLFLOW_ADMIN}\nadmin_password = {password}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "auth_cache_ttl_seconds = 600\n"
+    )
     env = clean_env(MLFLOW_AUTH_CONFIG_PATH=config, MLFLOW_FLASK_SERVER_SECRET_KEY="gptcore-test-secret-key")
-    cmd = [str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
-           "--workers", "1"]
-    return (ServerSpec(cmd, env, root / "server.log", f"http://127.0.0.1:{port}/health"),
-            MlflowServer(f"http://127.0.0.1:{port}", MLFLOW_ADMIN, password))
+    cmd = mlflow_server_command(root, port, "--app-name", "basic-auth")
+    return (
+        ServerSpec(cmd, env, root / "server.log", f"http://127.0.0.1:{port}/health"),
+        MlflowServer(f"http://127.0.0.1:{port}", MLFLOW_ADMIN, password),
+    )
 
 
 @dataclass(frozen=True)
@@ -169,8 +200,10 @@ class SecuredServers:
 @contextlib.contextmanager
 def secured_servers(root: Path) -> Iterator[SecuredServers]:
     """Both servers with access control on, started side by side (each takes 10-40 s to answer)."""
-    specs = [prefect_server_spec(root / "prefect", PREFECT_AUTH_STRING),
-             mlflow_server_spec(root / "mlflow", MLFLOW_PASSWORD)]
+    specs = [
+        prefect_server_spec(root / "prefect", PREFECT_AUTH_STRING),
+        mlflow_server_spec(root / "mlflow", MLFLOW_PASSWORD),
+    ]
     with contextlib.ExitStack() as stack:
         procs = [stack.enter_context(background(spec.cmd, spec.env, spec.log)) for spec, _ in specs]
         for proc, (spec, _) in zip(procs, specs):
@@ -178,8 +211,8 @@ def secured_servers(root: Path) -> Iterator[SecuredServers]:
         yield SecuredServers(specs[0][1], specs[1][1])
 
 
-# Shared by tests/test_server_auth.py and tests/test_deployments.py through tests/conftest.py:
-# the servers start once per session.
+# Shared by tests/integration/test_server_auth.py and test_deployments.py through tests/conftest.py: the
+# servers start once per session.
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory) -> Iterator[SecuredServers]:
     with secured_servers(tmp_path_factory.mktemp("servers")) as started:

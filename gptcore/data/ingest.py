@@ -17,7 +17,7 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,27 +27,15 @@ from gptcore.data.filters import Cleaner
 from gptcore.data.lineage import fingerprint, source_digests, up_to_date
 from gptcore.data.sources import SHAKESPEARE_FIELDS, Document, Reader
 from gptcore.errors import InputError
-from gptcore.fsutil import atomic_dir, read_stage_output, write_json
+from gptcore.fsutil import atomic_dir, write_json
+from gptcore.layout import INGEST_MANIFEST, SPLITS
+from gptcore.results import IngestResult, load_ingest
 from gptcore.tracking import Tracking, stage_run
 
 log = logging.getLogger("gptcore.data")
 
-SPLITS = ("train", "val", "test")
 _ROW_GROUP_BYTES = 8 << 20
 _PROGRESS_EVERY_S = 10.0
-
-
-@dataclass
-class IngestResult:
-    out_dir: str
-    manifest_path: str
-    digest: str
-    documents: dict[str, int]
-    bytes: dict[str, int]
-    sources: list[dict[str, Any]]
-
-    def split_path(self, split: str) -> Path:
-        return Path(self.out_dir) / f"{split}.parquet"
 
 
 def split_key(doc_id: str) -> int:
@@ -98,8 +86,10 @@ class SplitAssigner:
         n_val = max(1, round(len(docs) * self.val_fraction))
         n_test = max(1, round(len(docs) * self.test_fraction))
         if n_val + n_test >= len(docs):
-            raise InputError(f"the corpus has {len(docs)} documents: val_fraction={self.val_fraction} and "
-                             f"test_fraction={self.test_fraction} hold out {n_val} + {n_test}, leaving none for train")
+            raise InputError(
+                f"the corpus has {len(docs)} documents: val_fraction={self.val_fraction} and "
+                f"test_fraction={self.test_fraction} hold out {n_val} + {n_test}, leaving none for train"
+            )
         splits = ["val"] * n_val + ["test"] * n_test + ["train"] * (len(docs) - n_val - n_test)
         return sorted(zip(splits, docs), key=lambda pair: pair[1].id)
 
@@ -121,9 +111,11 @@ class MetadataTypes:
                 self.first[column] = (kind, doc.id)
             elif kind is not self.first[column][0]:
                 first_kind, first_id = self.first[column]
-                raise InputError(f"{doc.id}: field {column!r} is {type(value).__name__} ({value!r}) but in {first_id} "
-                                 f"it is {first_kind.__name__ if first_kind is not float else 'a number'}; "
-                                 "a metadata field needs one type in every record")
+                raise InputError(
+                    f"{doc.id}: field {column!r} is {type(value).__name__} ({value!r}) but in {first_id} "
+                    f"it is {first_kind.__name__ if first_kind is not float else 'a number'}; "
+                    "a metadata field needs one type in every record"
+                )
 
 
 class SplitWriter:
@@ -190,14 +182,20 @@ class Progress:
         now = time.perf_counter()
         if now - self.last >= _PROGRESS_EVERY_S:
             self.last = now
-            log.info("%s: %d documents, %.1fM characters read, %.1fM characters/s", self.name, self.documents,
-                     self.chars / 1e6, self.chars / 1e6 / max(now - self.start, 1e-9))
+            log.info(
+                "%s: %d documents, %.1fM characters read, %.1fM characters/s",
+                self.name,
+                self.documents,
+                self.chars / 1e6,
+                self.chars / 1e6 / max(now - self.start, 1e-9),
+            )
 
 
 def stream_splits(cfg: IngestConfig, tmp: Path, counts: Counter) -> dict[str, dict[str, Any]]:
     """Read, clean, dedup and split every document into tmp/{split}.parquet; return per-split stats."""
-    reader = Reader(cfg.text_field, cfg.metadata_fields, cfg.invalid_utf8, cfg.bad_records, cfg.max_document_bytes,
-                    cfg.hf_streaming)
+    reader = Reader(
+        cfg.text_field, cfg.metadata_fields, cfg.invalid_utf8, cfg.bad_records, cfg.max_document_bytes, cfg.hf_streaming
+    )
     cleaner = Cleaner(cfg)
     exact, near = ExactDedup(), NearDedup(cfg.near_dedup_threshold) if cfg.near_dedup else None
     columns = metadata_columns(cfg)
@@ -227,11 +225,18 @@ def stream_splits(cfg: IngestConfig, tmp: Path, counts: Counter) -> dict[str, di
     counts.update(cleaner.counts)
     for split, writer in writers.items():
         if writer.documents == 0:
-            fix = "lower ingest.val_fraction and ingest.test_fraction" if split == "train" else \
-                f"raise ingest.{split}_fraction"
+            fix = (
+                "lower ingest.val_fraction and ingest.test_fraction"
+                if split == "train"
+                else f"raise ingest.{split}_fraction"
+            )
             raise InputError(f"the {split} split is empty: no document's id hashed into it; {fix}")
-    log.info("ingest: read %d documents (%.1fM characters) in %.1fs", progress.documents, progress.chars / 1e6,
-             time.perf_counter() - progress.start)
+    log.info(
+        "ingest: read %d documents (%.1fM characters) in %.1fs",
+        progress.documents,
+        progress.chars / 1e6,
+        time.perf_counter() - progress.start,
+    )
     return {s: w.close() for s, w in writers.items()}
 
 
@@ -239,9 +244,10 @@ def ingest(cfg: IngestConfig, out_dir: str | Path, tracking: Tracking | None = N
     """Read, clean and split the corpus of `cfg` into `out_dir`; log counts and the manifest."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    key = fingerprint(cfg.sources, asdict(cfg), [__name__, "gptcore.data.sources", "gptcore.data.filters",
-                                                  "gptcore.data.dedup"])
-    if up_to_date(out_dir / "manifest.json", key, [f"{s}.parquet" for s in SPLITS]):
+    key = fingerprint(
+        cfg.sources, asdict(cfg), [__name__, "gptcore.data.sources", "gptcore.data.filters", "gptcore.data.dedup"]
+    )
+    if up_to_date(out_dir / INGEST_MANIFEST, key, [f"{s}.parquet" for s in SPLITS]):
         result = load_ingest(out_dir)
         log.info("ingest: sources, config and code unchanged since %s was written: nothing to do", out_dir)
         with stage_run(tracking, "ingest", tags={"gptcore.data_digest": result.digest, "gptcore.cached": True}) as run:
@@ -255,42 +261,31 @@ def ingest(cfg: IngestConfig, out_dir: str | Path, tracking: Tracking | None = N
             manifest = {
                 "sources": source_digests(cfg.sources),
                 "columns": ["id", "text", "source", *metadata_columns(cfg)],
-                "dropped": {k.removeprefix("dropped_"): v for k, v in sorted(counts.items()) if k.startswith("dropped_")},
+                "dropped": {
+                    k.removeprefix("dropped_"): v for k, v in sorted(counts.items()) if k.startswith("dropped_")
+                },
                 "counts": dict(sorted(counts.items())),
                 "splits": splits,
                 "digest": hashlib.sha256("".join(splits[s]["digest"] for s in SPLITS).encode()).hexdigest(),
                 "fingerprint": key,
                 "config": asdict(cfg),
             }
-            write_json(tmp / "manifest.json", manifest)
+            write_json(tmp / INGEST_MANIFEST, manifest)
         result = load_ingest(out_dir)
         run.set_tags({"gptcore.data_digest": result.digest})
-        run.log_metrics({f"{s}_documents": n for s, n in result.documents.items()}
-                        | {f"{s}_bytes": n for s, n in result.bytes.items()} | dict(counts))
+        run.log_metrics(
+            {f"{s}_documents": n for s, n in result.documents.items()}
+            | {f"{s}_bytes": n for s, n in result.bytes.items()}
+            | dict(counts)
+        )
         run.log_dataset(result.manifest_path, result.digest)
-    log.info("ingest: %s documents (%s bytes) -> %s in %.1fs; dropped %s; digest %s", result.documents, result.bytes,
-             out_dir, time.perf_counter() - start, manifest["dropped"], result.digest[:12])
+    log.info(
+        "ingest: %s documents (%s bytes) -> %s in %.1fs; dropped %s; digest %s",
+        result.documents,
+        result.bytes,
+        out_dir,
+        time.perf_counter() - start,
+        manifest["dropped"],
+        result.digest[:12],
+    )
     return result
-
-
-def load_ingest(out_dir: str | Path) -> IngestResult:
-    """The result of an earlier `ingest` into `out_dir`, from its manifest."""
-    m = read_stage_output(out_dir, "manifest.json", "ingested corpus", "ingest")
-    return IngestResult(str(out_dir), str(Path(out_dir) / "manifest.json"), m["digest"],
-                        {s: m["splits"][s]["documents"] for s in SPLITS}, {s: m["splits"][s]["bytes"] for s in SPLITS},
-                        m["sources"])
-
-
-def read_split(out_dir: str | Path, split: str, columns: list[str] | None = None):
-    """One split as a pyarrow Table (no Hugging Face cache copy)."""
-    import pyarrow.parquet as pq
-
-    path = Path(out_dir) / f"{split}.parquet"
-    if not path.is_file():
-        raise InputError(f"{path}: split {split!r} not found; run `gptcore ingest` first")
-    if columns:
-        available = pq.ParquetFile(path).schema_arrow.names
-        missing = [c for c in columns if c not in available]
-        if missing:
-            raise InputError(f"{path}: no column(s) {missing} (columns: {available})")
-    return pq.read_table(path, columns=columns)

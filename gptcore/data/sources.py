@@ -114,8 +114,15 @@ def open_binary(path: Path) -> BinaryIO:
 class Reader:
     """Streams the documents of sources, applying the read policies and counting what they skip."""
 
-    def __init__(self, text_field: str = "text", metadata_fields: list[str] = (), invalid_utf8: str = "fail",
-                 bad_records: str = "fail", max_document_bytes: int = 16_000_000, hf_streaming: bool = True):
+    def __init__(
+        self,
+        text_field: str = "text",
+        metadata_fields: list[str] = (),
+        invalid_utf8: str = "fail",
+        bad_records: str = "fail",
+        max_document_bytes: int = 16_000_000,
+        hf_streaming: bool = True,
+    ):
         self.text_field, self.metadata_fields = text_field, list(metadata_fields)
         self.invalid_utf8, self.bad_records = invalid_utf8, bad_records
         self.max_document_bytes, self.hf_streaming = max_document_bytes, hf_streaming
@@ -145,8 +152,10 @@ class Reader:
             return data.decode("utf-8")
         except UnicodeDecodeError as e:
             if self.invalid_utf8 == "fail":
-                raise InputError(f"{where}: not valid UTF-8 at byte offset {offset + e.start} ({e.reason}); "
-                                 "set ingest.invalid_utf8: replace to keep such text") from None
+                raise InputError(
+                    f"{where}: not valid UTF-8 at byte offset {offset + e.start} ({e.reason}); "
+                    "set ingest.invalid_utf8: replace to keep such text"
+                ) from None
             self.counts["invalid_utf8_replaced"] += 1
             return data.decode("utf-8", errors="replace")
 
@@ -163,8 +172,9 @@ class Reader:
                 return self.skip("missing_field", where, f"record has no field {name!r} (fields: {sorted(record)})")
         text = record[self.text_field]
         if not isinstance(text, str):
-            return self.skip("text_not_a_string", where,
-                             f"field {self.text_field!r} must be a string, got {type(text).__name__}")
+            return self.skip(
+                "text_not_a_string", where, f"field {self.text_field!r} must be a string, got {type(text).__name__}"
+            )
         return text, {name: record[name] for name in self.metadata_fields}
 
     # --- files ------------------------------------------------------------------------------
@@ -247,8 +257,11 @@ class Reader:
         # Text read as bytes, so invalid UTF-8 is reported (or replaced) with its row, as elsewhere.
         columns = [self.text_field, *self.metadata_fields]
         try:
-            reader = pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=1 << 24),
-                                   convert_options=pcsv.ConvertOptions(column_types={self.text_field: pa.binary()}))
+            reader = pcsv.open_csv(
+                path,
+                read_options=pcsv.ReadOptions(block_size=1 << 24),
+                convert_options=pcsv.ConvertOptions(column_types={self.text_field: pa.binary()}),
+            )
         except pa.ArrowInvalid as e:
             raise InputError(f"{path}: not a readable CSV file ({e})") from None
         self.check_columns(path, reader.schema.names)

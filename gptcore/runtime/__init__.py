@@ -12,16 +12,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gptcore.runtime.batch import score_file
 from gptcore.runtime.classifier import OnnxClassifier
 from gptcore.runtime.lm import OnnxLM
 from gptcore.runtime.package import ModelPackage, load_package, resolve_model_uri
-from gptcore.runtime.scoring import score_file
 from gptcore.runtime.session import SessionOptions
 
 
-def load_model(uri_or_path: str | Path, device: str = "auto", threads: int | None = None, variant: str = "auto",
-               device_id: int = 0, gpu_mem_limit: int | None = None, tracking_uri: str | None = None,
-               registry_uri: str | None = None) -> OnnxLM | OnnxClassifier:
+def load_model(
+    uri_or_path: str | Path,
+    device: str = "auto",
+    threads: int | None = None,
+    variant: str = "auto",
+    device_id: int = 0,
+    gpu_mem_limit: int | None = None,
+    tracking_uri: str | None = None,
+    registry_uri: str | None = None,
+) -> OnnxLM | OnnxClassifier:
     """The model behind a package directory or MLflow URI: an `OnnxLM` or an `OnnxClassifier`, by its kind.
 
     device: auto | cuda | cpu; threads: CPU intra-op threads; variant: auto (fp16 on CUDA where
@@ -33,4 +40,13 @@ def load_model(uri_or_path: str | Path, device: str = "auto", threads: int | Non
     return model_class(package, SessionOptions(device, threads, device_id, gpu_mem_limit), variant)
 
 
-__all__ = ["ModelPackage", "SessionOptions", "OnnxClassifier", "OnnxLM", "load_model", "load_package", "resolve_model_uri", "score_file"]
+__all__ = [
+    "ModelPackage",
+    "OnnxClassifier",
+    "OnnxLM",
+    "SessionOptions",
+    "load_model",
+    "load_package",
+    "resolve_model_uri",
+    "score_file",
+]

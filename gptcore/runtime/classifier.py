@@ -90,5 +90,11 @@ class OnnxClassifier:
     def classify(self, texts: list[str], batch_size: int = 32) -> list[dict]:
         """Per text: the most likely `label`, its probability as `confidence`, and all `probabilities`."""
         probs = self.predict_proba(texts, batch_size)
-        return [{"label": self._labels[int(p.argmax())], "confidence": float(p.max()),
-                 "probabilities": dict(zip(self._labels, map(float, p)))} for p in probs]
+        return [
+            {
+                "label": self._labels[int(p.argmax())],
+                "confidence": float(p.max()),
+                "probabilities": dict(zip(self._labels, map(float, p))),
+            }
+            for p in probs
+        ]

@@ -43,12 +43,15 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
 
 def check_batch(prompts) -> None:
     if not isinstance(prompts, (list, tuple)) or not 1 <= len(prompts) <= MAX_BATCH:
-        raise ValueError(f"prompts: batch size must be in [1, {MAX_BATCH}], got "
-                         f"{len(prompts) if isinstance(prompts, (list, tuple)) else type(prompts).__name__}")
+        raise ValueError(
+            f"prompts: batch size must be in [1, {MAX_BATCH}], got "
+            f"{len(prompts) if isinstance(prompts, (list, tuple)) else type(prompts).__name__}"
+        )
 
 
-def sample(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None,
-           rng: np.random.Generator) -> np.ndarray:
+def sample(
+    logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None, rng: np.random.Generator
+) -> np.ndarray:
     """(B, V) logits -> (B,) next ids. Temperature 0 is greedy: the first maximum on ties, like torch."""
     if temperature == 0:
         return logits.argmax(axis=-1)
@@ -101,8 +104,13 @@ class KVBuffers:
 
         self.lm, self.batch, self.past = lm, batch, 0
         size = [batch * lm.n_head * capacity * lm.head_dim]
-        self.buffers = [[ort.OrtValue.ortvalue_from_shape_and_type(size, lm.cache_dtype, lm.device_type, lm.device_id)
-                         for _ in lm.cache_in] for _ in range(2)]
+        self.buffers = [
+            [
+                ort.OrtValue.ortvalue_from_shape_and_type(size, lm.cache_dtype, lm.device_type, lm.device_id)
+                for _ in lm.cache_in
+            ]
+            for _ in range(2)
+        ]
 
     def reset(self) -> None:
         self.past = 0
@@ -147,17 +155,23 @@ class OnnxLM:
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, self.n_head, 0, self.head_dim), dtype=self.cache_dtype) for _ in self.cache_in]
 
-    def inputs(self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, last_only: bool) -> dict[str, np.ndarray]:
+    def inputs(
+        self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, last_only: bool
+    ) -> dict[str, np.ndarray]:
         B, T = ids.shape
-        feed = {"input_ids": ids.astype(np.int64), "position_ids": positions.astype(np.int64),
-                "attention_mask": mask.astype(np.int64)}
+        feed = {
+            "input_ids": ids.astype(np.int64),
+            "position_ids": positions.astype(np.int64),
+            "attention_mask": mask.astype(np.int64),
+        }
         if self.selects_logits:
             wanted = np.arange(T - 1, T) if last_only else np.arange(T)
             feed["logit_positions"] = np.broadcast_to(wanted, (B, len(wanted))).astype(np.int64)
         return feed
 
-    def step(self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray,
-             cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def step(
+        self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, cache: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One graph call: (B, T) new ids, positions, (B, P + T) mask -> (B, T, V) logits and the grown cache."""
         feed = self.inputs(ids, positions, mask, last_only=False) | dict(zip(self.cache_in, cache))
         logits, *present = self.session.run(["logits", *self.cache_out], feed)
@@ -170,15 +184,6 @@ class OnnxLM:
         logits, _ = self.step(ids, positions, np.ones((B, T), dtype=np.int64), self.empty_cache(B))
         return logits
 
-    def nats(self, ids: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        """(B, T) ids and their next-token targets (-1: not scored) -> (B, T) NLL in nats, 0 where not scored."""
-        logits = self.forward_logits(ids)
-        peak = logits.max(axis=-1, keepdims=True)
-        log_z = (np.log(np.exp(logits - peak).sum(axis=-1)) + peak[..., 0]).astype(np.float64)
-        scored = targets >= 0
-        picked = np.take_along_axis(logits, np.where(scored, targets, 0)[..., None], axis=-1)[..., 0]
-        return np.where(scored, log_z - picked, 0.0)
-
     def windows(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each row's last block_size tokens, left-padded: (B, W) ids, mask and positions."""
         windows = [row[-self.block_size :] for row in rows]
@@ -189,8 +194,15 @@ class OnnxLM:
             ids[i, width - len(w) :], mask[i, width - len(w) :] = w, 1
         return ids, mask, np.clip(mask.cumsum(axis=1) - 1, 0, None)  # each row counts from its first real token
 
-    def decode(self, rows: list[list[int]], max_new_tokens: int, temperature: float, top_k: int | None,
-               top_p: float | None, seed: int | None) -> Iterator[np.ndarray]:
+    def decode(
+        self,
+        rows: list[list[int]],
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        seed: int | None,
+    ) -> Iterator[np.ndarray]:
         """(B,) next ids of every row, step by step, for up to max_new_tokens steps (the caller stops early)."""
         rng = np.random.default_rng(seed)
         rows = [list(r) for r in rows]
@@ -217,15 +229,29 @@ class OnnxLM:
             ids, positions = next_ids[:, None].astype(np.int64), positions[:, -1:] + 1
             mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
 
-    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 1.0,
-                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                     stop_at_eos: bool = True) -> list[int]:
+    def generate_ids(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop_at_eos: bool = True,
+    ) -> list[int]:
         """New token ids after `prompt_ids` (the end-of-text id ends them early unless stop_at_eos=False)."""
         return list(self.iter_ids(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos))
 
-    def iter_ids(self, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop_at_eos: bool = True) -> Iterator[int]:
+    def iter_ids(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop_at_eos: bool = True,
+    ) -> Iterator[int]:
         """`generate_ids`, one id at a time as each is decoded."""
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         self.check_ids(prompt_ids)
@@ -234,9 +260,16 @@ class OnnxLM:
                 return
             yield int(next_ids[0])
 
-    def generate_batch_ids(self, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 1.0,
-                           top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                           stop_at_eos: bool = True) -> list[list[int]]:
+    def generate_batch_ids(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop_at_eos: bool = True,
+    ) -> list[list[int]]:
         """New token ids after each prompt, decoded as one batch (left padding + attention mask)."""
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         check_batch(prompts)
@@ -265,21 +298,45 @@ class OnnxLM:
             raise ValueError(f"prompt: must be a non-empty string, got {prompt!r}")
         return self.tokenizer.encode(prompt, add_special_tokens=False).ids
 
-    def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None) -> str:
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> str:
         """The continuation of `prompt` (without the prompt)."""
         new = self.generate_ids(self.encode(prompt), max_new_tokens, temperature, top_k, top_p, seed)
         return self.tokenizer.decode(new, skip_special_tokens=True)
 
-    def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = None, seed: int | None = None) -> Iterator[str]:
+    def stream(
+        self,
+        prompt: str,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> Iterator[str]:
         """`generate`, as text pieces while tokens are decoded; the pieces join to `generate`'s text."""
-        return text_pieces(self.tokenizer, self.iter_ids(self.encode(prompt), max_new_tokens, temperature, top_k,
-                                                         top_p, seed))
+        return text_pieces(
+            self.tokenizer, self.iter_ids(self.encode(prompt), max_new_tokens, temperature, top_k, top_p, seed)
+        )
 
-    def generate_batch(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 1.0,
-                       top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> list[str]:
+    def generate_batch(
+        self,
+        prompts: list[str],
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> list[str]:
         """Continuations of several prompts in one batch (greedy: the same as `generate` one at a time)."""
         check_batch(prompts)
-        new = self.generate_batch_ids([self.encode(p) for p in prompts], max_new_tokens, temperature, top_k, top_p, seed)
+        new = self.generate_batch_ids(
+            [self.encode(p) for p in prompts], max_new_tokens, temperature, top_k, top_p, seed
+        )
         return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in new]

@@ -1,4 +1,4 @@
-"""A model package: the directory `gptcore.export` writes and the registry stores.
+"""A model package: the directory `gptcore.export.package` writes and the registry stores.
 
     model.onnx  tokenizer.json  gptcore_model.json   [model.fp16.onnx  model.int8.onnx]
 
@@ -50,8 +50,10 @@ def check_meta(meta: Any, where: Path) -> None:
     if not isinstance(meta, dict):
         raise InputError(f"{where}: expected a JSON object")
     if meta.get("format_version") not in FORMAT_VERSIONS:
-        raise InputError(f"{where}: format_version {meta.get('format_version')!r}; this runtime reads "
-                         f"{', '.join(map(str, FORMAT_VERSIONS))}")
+        raise InputError(
+            f"{where}: format_version {meta.get('format_version')!r}; this runtime reads "
+            f"{', '.join(map(str, FORMAT_VERSIONS))}"
+        )
     if meta.get("kind") not in KINDS:
         raise InputError(f"{where}: unknown kind {meta.get('kind')!r}; known: {', '.join(KINDS)}")
     for field in INT_FIELDS:
@@ -65,8 +67,9 @@ def check_meta(meta: Any, where: Path) -> None:
         if len(set(labels)) != len(labels):
             raise InputError(f"{where}: field 'labels' repeats a label: {labels}")
     variants = meta.get("variants", {})
-    if not isinstance(variants, dict) or not all(isinstance(v, dict) and isinstance(v.get("file"), str)
-                                                 and "/" not in v["file"] for v in variants.values()):
+    if not isinstance(variants, dict) or not all(
+        isinstance(v, dict) and isinstance(v.get("file"), str) and "/" not in v["file"] for v in variants.values()
+    ):
         raise InputError(f"{where}: field 'variants' must map each variant to {{'file': NAME, ...}}, got {variants!r}")
     if variants and "fp32" not in variants:
         raise InputError(f"{where}: field 'variants' lacks fp32 (the graph every package has), got {list(variants)}")
@@ -147,8 +150,10 @@ def package_in(directory: Path) -> Path:
         flavor = yaml.safe_load(mlmodel.read_text(encoding="utf-8"))["flavors"]["python_function"]
         return directory / flavor["artifacts"]["package"]["path"]
     except (yaml.YAMLError, TypeError, KeyError):
-        raise InputError(f"{mlmodel}: an MLflow model, but not a gptcore pyfunc model (no pyfunc "
-                         "artifact 'package'); give a gptcore model package or a version gptcore registered") from None
+        raise InputError(
+            f"{mlmodel}: an MLflow model, but not a gptcore pyfunc model (no pyfunc "
+            "artifact 'package'); give a gptcore model package or a version gptcore registered"
+        ) from None
 
 
 def model_version(client, uri: str):

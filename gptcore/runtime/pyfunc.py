@@ -26,7 +26,7 @@ from mlflow.models.signature import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
-from gptcore.runtime.scoring import prediction_columns
+from gptcore.runtime.batch import prediction_columns
 
 # setting -> (MLflow type, default): the defaults are `OnnxLM.generate`'s.
 SAMPLING = {
@@ -47,13 +47,19 @@ def signature(meta: dict[str, Any]) -> ModelSignature:
     must be written as a float (2.0, not 2). Its messages say so; `params` set one value for all rows.
     """
     if meta["kind"] == "lm":
-        inputs = Schema([ColSpec("string", PROMPT),
-                         *(ColSpec(kind, name, required=False) for name, (kind, _) in SAMPLING.items())])
+        inputs = Schema(
+            [ColSpec("string", PROMPT), *(ColSpec(kind, name, required=False) for name, (kind, _) in SAMPLING.items())]
+        )
         outputs = Schema([ColSpec("string", TEXT)])
         params = ParamSchema([ParamSpec(name, kind, default) for name, (kind, default) in SAMPLING.items()])
         return ModelSignature(inputs, outputs, params)
-    outputs = Schema([ColSpec("string", "label"), ColSpec("double", "confidence"),
-                      *(ColSpec("double", f"prob_{label}") for label in meta["labels"])])
+    outputs = Schema(
+        [
+            ColSpec("string", "label"),
+            ColSpec("double", "confidence"),
+            *(ColSpec("double", f"prob_{label}") for label in meta["labels"]),
+        ]
+    )
     return ModelSignature(Schema([ColSpec("string", TEXT)]), outputs)
 
 

@@ -17,8 +17,14 @@ CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 USE_CPU = "Or use device='cpu'."
 DEVICES = ("auto", "cuda", "cpu")
 # What onnxruntime-gpu's CUDA provider loads (CUDA 12 builds); named in the error when one is missing.
-CUDA_LIBRARIES = ("libcudart.so.12", "libcublas.so.12", "libcublasLt.so.12", "libcufft.so.11", "libcurand.so.10",
-                  "libcudnn.so.9")
+CUDA_LIBRARIES = (
+    "libcudart.so.12",
+    "libcublas.so.12",
+    "libcublasLt.so.12",
+    "libcufft.so.11",
+    "libcurand.so.10",
+    "libcudnn.so.9",
+)
 
 
 @dataclass(frozen=True)
@@ -87,15 +93,19 @@ def cuda_failure(onnx_path: str | Path, preload_error: str | None) -> str:
 
     reasons = []
     if CUDA not in ort.get_available_providers():
-        reasons.append(f"this onnxruntime build has no CUDA provider (it lists {ort.get_available_providers()}; "
-                       "install onnxruntime-gpu, and not onnxruntime beside it)")
+        reasons.append(
+            f"this onnxruntime build has no CUDA provider (it lists {ort.get_available_providers()}; "
+            "install onnxruntime-gpu, and not onnxruntime beside it)"
+        )
     if not nvidia_driver_loaded():
         reasons.append("no NVIDIA driver is loaded (no /proc/driver/nvidia/version): no GPU here")
     missing = missing_cuda_libraries()
     if missing:
-        reasons.append(f"these libraries cannot be loaded: {', '.join(missing)} "
-                       "(pip install 'onnxruntime-gpu[cuda,cudnn]', or put the CUDA 12 and cuDNN 9 libraries "
-                       "on LD_LIBRARY_PATH)")
+        reasons.append(
+            f"these libraries cannot be loaded: {', '.join(missing)} "
+            "(pip install 'onnxruntime-gpu[cuda,cudnn]', or put the CUDA 12 and cuDNN 9 libraries "
+            "on LD_LIBRARY_PATH)"
+        )
     if preload_error:
         reasons.append(preload_error)
     reason = "; ".join(reasons) or "ONNX Runtime's log above says why"

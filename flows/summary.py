@@ -1,0 +1,196 @@
+"""What the flows show a person: the end-of-pipeline summary (where the runs, models and files are,
+and the headline metrics), and the promotion, scoring and drift reports as markdown artifacts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gptcore.registry.drift import CONFIDENCE_BINS
+from gptcore.registry.score import ScoreResult
+from gptcore.tracking import TrackingSettings
+
+
+def pipeline_summary(
+    *,
+    workdir: Path,
+    settings: TrackingSettings,
+    seconds: float,
+    data,
+    tokens,
+    pretrained,
+    finetuned,
+    chat,
+    lm_eval,
+    cls_eval,
+    chat_eval,
+    lm_pkg,
+    cls_pkg,
+    lm_reg,
+    cls_reg,
+    scores,
+) -> dict[str, Any]:
+    majority = cls_eval.majority
+    headline = {
+        "lm_test_bpb": lm_eval.test["bpb"],
+        "lm_unigram_test_bpb": lm_eval.unigram_bpb["test"],
+        "lm_test_perplexity": lm_eval.test["perplexity"],
+        "classifier_test_accuracy": cls_eval.test["accuracy"],
+        "classifier_test_macro_f1": cls_eval.test["macro_f1"],
+        "classifier_test_macro_f1_ci": cls_eval.test["ci"]["macro_f1"],
+        "classifier_test_ece": cls_eval.test["ece"],
+        "chat_test_response_bpb": chat_eval.tuned["response_bpb"],
+        "chat_base_test_response_bpb": chat_eval.base["response_bpb"],
+        "chat_test_response_bpb_gain_ci": chat_eval.bpb_gain_ci,
+        "majority_test_accuracy": majority["accuracy"],
+        "majority_test_macro_f1": majority["macro_f1"],
+        "lm_parity_max_abs_logit_diff": lm_pkg.parity["max_abs_logit_diff"],
+        "lm_parity_greedy_tokens_equal": lm_pkg.parity["greedy_tokens_equal"],
+        "classifier_parity_max_abs_logit_diff": cls_pkg.parity["max_abs_logit_diff"],
+    }
+    models = {
+        reg.name: {
+            "version": reg.version,
+            "champion_version": reg.champion_version,
+            "promoted": reg.promoted,
+            "reason": reg.reason,
+            "uri": reg.champion_uri,
+        }
+        for reg in (lm_reg, cls_reg)
+    }
+    rows = [
+        ("wall time", f"{seconds:.0f} s"),
+        ("work directory", str(workdir)),
+        ("corpus", f"{sum(data.documents.values())} documents, digest {data.digest[:12]}"),
+        (
+            "tokens (train/val/test)",
+            f"{tokens.tokens['train']}/{tokens.tokens['val']}/{tokens.tokens['test']}, vocab {tokens.vocab_size}",
+        ),
+        (
+            "GPT",
+            f"{pretrained.num_params / 1e6:.2f}M params, {pretrained.steps} steps in {pretrained.train_seconds:.0f} s",
+        ),
+        (
+            "LM test bits/byte",
+            f"{headline['lm_test_bpb']:.4f} (unigram baseline {headline['lm_unigram_test_bpb']:.4f})",
+        ),
+        (
+            "classifier test accuracy",
+            f"{headline['classifier_test_accuracy']:.4f} "
+            f"(majority '{majority['majority_class']}' {headline['majority_test_accuracy']:.4f})",
+        ),
+        (
+            "classifier test macro-F1",
+            f"{headline['classifier_test_macro_f1']:.4f} (95% CI "
+            f"{headline['classifier_test_macro_f1_ci'][0]:.4f}-"
+            f"{headline['classifier_test_macro_f1_ci'][1]:.4f}; majority "
+            f"{headline['majority_test_macro_f1']:.4f}); ECE {headline['classifier_test_ece']:.4f}",
+        ),
+        (
+            "chat SFT response bits/byte",
+            f"{headline['chat_test_response_bpb']:.4f} vs base "
+            f"{headline['chat_base_test_response_bpb']:.4f} (gain 95% CI "
+            f"{chat_eval.bpb_gain_ci[0]:.4f}-{chat_eval.bpb_gain_ci[1]:.4f}; "
+            f"{chat.steps} steps, samples {chat_eval.samples_path})",
+        ),
+        (
+            "ONNX parity",
+            f"LM max |dlogit| {headline['lm_parity_max_abs_logit_diff']:.1e}, greedy "
+            f"{headline['lm_parity_greedy_tokens_equal']}/{lm_pkg.parity['greedy_tokens']} equal; classifier "
+            f"max |dlogit| {headline['classifier_parity_max_abs_logit_diff']:.1e}",
+        ),
+        *[
+            (
+                f"model {name}",
+                f"v{m['version']} ({'promoted to champion' if m['promoted'] else 'challenger'}: "
+                f"{m['reason']}); serve {m['uri']}",
+            )
+            for name, m in models.items()
+        ],
+        ("ONNX packages", f"{lm_pkg.package_dir}, {cls_pkg.package_dir}"),
+        ("scores", f"{scores.output_path} ({scores.rows} rows, {scores.provider})"),
+        ("MLflow", f"{settings.tracking_uri} (browse: mlflow ui --backend-store-uri {settings.tracking_uri})"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    text = "gptcore pipeline finished\n" + "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+    markdown = "# gptcore pipeline\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return {
+        "seconds": seconds,
+        "workdir": str(workdir),
+        "tracking_uri": settings.tracking_uri,
+        "headline": headline,
+        "models": models,
+        "scores_path": scores.output_path,
+        "scores_rows": scores.rows,
+        "text": text,
+        "markdown": markdown,
+    }
+
+
+def promotion_markdown(registrations) -> str:
+    """The registry decisions of one run as a markdown table (a Prefect artifact)."""
+    rows = [
+        f"| {r.name} | v{r.version} | {r.metric} {r.value:.4f} | {'promoted' if r.promoted else 'challenger'} | "
+        f"v{r.champion_version} | {r.reason.replace('|', '/')} |"
+        for r in registrations
+    ]
+    return (
+        "# Promotion decisions\n\n| model | version | metric | decision | champion | reason |\n"
+        "|---|---|---|---|---|---|\n" + "\n".join(rows)
+    )
+
+
+def _label_rows(result: ScoreResult) -> str:
+    drift = result.drift or {}
+    test = drift.get("reference_label_shares", {})
+    return "\n".join(
+        f"| {label} | {result.label_counts[label]} | {share:.1%} | "
+        f"{format(test[label], '.1%') if label in test else 'n/a'} |"
+        for label, share in result.label_shares.items()
+    )
+
+
+def scoring_markdown(result: ScoreResult) -> str:
+    """A short report of one scoring run (a Prefect artifact)."""
+    drift = result.drift
+    verdict = (
+        "no drift figures: the model has no test-set predictions to compare with"
+        if drift is None
+        else f"label PSI {drift['label_psi']:.3f}, confidence PSI {drift['confidence_psi']:.3f} against "
+        f"{drift['reference']}: {'**above**' if drift['warning'] else 'within'} "
+        f"the threshold {drift['threshold']}"
+    )
+    c, chars, tokens = result.confidence, result.input_chars, result.input_tokens
+    return (
+        f"# Scoring: {result.rows} rows\n\n"
+        f"- model `{result.model_uri}` on {result.provider}; output `{result.output_path}`\n"
+        f"- {result.chunks} chunks ({result.chunks_skipped} kept from an interrupted run) "
+        f"in {result.seconds:.1f} s\n"
+        f"- confidence mean {c['mean']:.3f} (p10 {c['p10']:.3f}, p50 {c['p50']:.3f}, p90 {c['p90']:.3f})\n"
+        f"- input length: characters mean {chars['mean']:.0f} (p50 {chars['p50']:.0f}, p90 {chars['p90']:.0f}, "
+        f"max {chars['max']:.0f}); tokens mean {tokens['mean']:.0f} (p50 {tokens['p50']:.0f}, "
+        f"p90 {tokens['p90']:.0f}, max {tokens['max']:.0f})\n"
+        f"- drift: {verdict}\n\n"
+        "| label | rows | share | share on the test set |\n|---|---|---|---|\n" + _label_rows(result)
+    )
+
+
+def drift_markdown(result: ScoreResult) -> str:
+    """Why a scoring run was flagged (a Prefect artifact): the PSI figures and the shares that moved."""
+    drift = result.drift
+    return (
+        f"# Drift warning: `{result.model_uri}` on `{result.output_path}`\n\n"
+        f"The predictions on these {result.rows} rows are distributed unlike the model's predictions on its "
+        f"test set ({drift['reference']}, {drift['reference_examples']} examples).\n\n"
+        "| population stability index | value | threshold |\n|---|---|---|\n"
+        f"| predicted labels | {drift['label_psi']:.3f} | {drift['threshold']} |\n"
+        f"| confidence ({CONFIDENCE_BINS} bins) | {drift['confidence_psi']:.3f} | {drift['threshold']} |\n\n"
+        "PSI below 0.1 reads as stable, 0.1 to 0.25 as a moderate shift, above 0.25 as a major one. "
+        "The inputs may come from another population than the training data (another topic, source or "
+        "length), or the world moved: check a sample of the rows before trusting the labels.\n\n"
+        "| label | rows | share now | share on the test set |\n|---|---|---|---|\n"
+        + _label_rows(result)
+        + f"\n\nconfidence mean now {result.confidence['mean']:.3f}; input tokens p50 "
+        f"{result.input_tokens['p50']:.0f}, max {result.input_tokens['max']:.0f}"
+    )

@@ -1,0 +1,253 @@
+"""Registration: an exported package becomes a version of its registered model, promoted by evidence.
+
+Each registered version is an MLflow pyfunc model (`gptcore.runtime.pyfunc`, logged as models
+from code: no pickle) that carries the self-contained model package (ONNX graph, tokenizer,
+description) as its artifact `package`, so `mlflow.pyfunc.load_model` and `mlflow models serve`
+generate and classify with it, and `gptcore.runtime.load_model` finds the package inside. It is
+a LoggedModel of a `register_*` run, tagged with the data digest, tokenizer digest, git commit
+and config. A new version gets the alias `challenger`; the first version is champion.
+A version takes `champion` through a paired-bootstrap gate (`gptcore.registry.promotion`) on the test
+examples both versions were evaluated on: the classifier's per-passage predictions, the LM's
+per-document bits per byte. Against a champion that kept no such evidence, it must beat the
+champion's stored test metric (bits per byte, lower is better; macro-F1, higher). The decision
+and its figures are tags on both versions.
+
+A classifier version also keeps the torch checkpoint its package was exported from (safetensors,
+model.json, tokenizer.json) under `checkpoint/` of its run, for `gptcore explain`, and its test
+documents' probabilities as batch scoring reads them (the evaluation's scoring reference, tag
+`gptcore.scoring_reference_artifact`), the drift monitor's reference (`gptcore.registry.score`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import warnings
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as installed_version
+from pathlib import Path
+from typing import Any
+
+from gptcore.config import RegistryConfig
+from gptcore.errors import ConfigError, InputError
+from gptcore.fsutil import sha256_file
+from gptcore.layout import (
+    CHALLENGER,
+    CHAMPION,
+    CHECKPOINT_ARTIFACT,
+    CHECKPOINT_TAG,
+    PREDICTIONS_TAG,
+    SCORING_REFERENCE_TAG,
+    TOKENIZER_FILE,
+)
+from gptcore.registry.gates import classifier_gate, lm_gate
+from gptcore.registry.promotion import apply_decision, current_champion, decide
+from gptcore.results import load_export, read_eval
+from gptcore.tracking import Tracking, source_tags, stage_run
+
+log = logging.getLogger("gptcore.registry")
+
+PARITY_TAG_FIELDS = ("max_abs_logit_diff", "greedy_agreement", "greedy_tokens_equal")
+CHECKPOINT_FILES = ("model.safetensors", "model.json")  # never state.pt: readers stay pickle-free
+# kind -> (metric, direction, where the metric sits in the evaluation JSON)
+PROMOTION_METRIC = {
+    "lm": ("test_bpb", "min", ("test", "bpb")),
+    "classifier": ("test_macro_f1", "max", ("test", "macro_f1")),
+}
+# kind -> (the key of its per-example evidence in the evaluation's test section, the gate that pairs it)
+EVIDENCE = {"lm": ("documents", lm_gate), "classifier": ("predictions", classifier_gate)}
+PYFUNC_CODE = Path(__file__).parents[1] / "runtime" / "pyfunc_model.py"
+# What the pyfunc imports, pinned as installed here: gptcore.runtime's needs, never torch. gptcore
+# itself is not among them (it is no index package, and its full requirements bring torch): an
+# environment that serves a version installs gptcore beside these (`--env-manager local` has it).
+PYFUNC_REQUIREMENTS = ("mlflow", "onnxruntime-gpu", "tokenizers", "numpy", "pandas", "pyarrow")
+
+
+@dataclass
+class RegisterResult:
+    name: str
+    version: str
+    metric: str
+    value: float
+    champion_version: str
+    promoted: bool
+    reason: str
+
+    @property
+    def champion_uri(self) -> str:
+        return f"models:/{self.name}@{CHAMPION}"
+
+
+def pyfunc_requirements() -> list[str]:
+    pins = []
+    for package in PYFUNC_REQUIREMENTS:
+        try:
+            pins.append(f"{package}=={installed_version(package)}")
+        except PackageNotFoundError:
+            pins.append(package)
+    return pins
+
+
+def log_pyfunc(run, package_dir: str | Path, meta: dict[str, Any]):
+    """Log the package as an MLflow pyfunc LoggedModel of `run`; return the LoggedModel.
+
+    Driven through the run's client like every other log call here: MLflow's fluent
+    `log_model` would need the process-wide tracking URI and active run.
+    """
+    import mlflow.pyfunc
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
+
+    from gptcore.runtime.pyfunc import signature
+
+    client = run.client
+    experiment_id = client.get_run(run.run_id).info.experiment_id
+    model = client.create_logged_model(
+        experiment_id, name="model", source_run_id=run.run_id, model_type=f"gptcore-{meta['kind']}"
+    )
+    client.log_outputs(run.run_id, [LoggedModelOutput(model.model_id, step=0)])
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # No input example, on purpose: MLflow would load the model and run it to check one.
+        warnings.filterwarnings("ignore", ".*An input example was not provided", UserWarning)
+        local = Path(tmp) / "model"
+        mlflow.pyfunc.save_model(
+            local,
+            python_model=str(PYFUNC_CODE),
+            artifacts={"package": str(package_dir)},
+            signature=signature(meta),
+            pip_requirements=pyfunc_requirements(),
+            mlflow_model=Model(
+                artifact_path=model.artifact_location,
+                run_id=run.run_id,
+                model_id=model.model_id,
+                model_uuid=model.model_id,
+            ),
+        )
+        client.log_model_artifacts(model.model_id, str(local))
+    return client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+
+
+def source_checkpoint(meta: dict[str, Any]) -> Path | None:
+    """The classifier checkpoint a package was exported from, if it is still there unchanged."""
+    source = meta.get("checkpoint")
+    if meta["kind"] != "classifier" or source is None:
+        return None
+    directory = Path(source["dir"])
+    if not (directory / "model.safetensors").is_file():
+        log.warning(
+            "register: %s, the checkpoint the package was exported from, is gone: this version gets "
+            "no torch checkpoint, so `gptcore explain` cannot explain it",
+            directory,
+        )
+        return None
+    if sha256_file(directory / "model.safetensors") != source["weights_sha256"]:
+        raise InputError(
+            f"{directory}: its weights changed since the package was exported from it "
+            "(fine-tuned again?); run `gptcore export` again before registering"
+        )
+    return directory
+
+
+def register(
+    package_dir: str | Path,
+    eval_path: str | Path,
+    name: str,
+    tracking: Tracking | None,
+    config: dict[str, Any] | None = None,
+    gate: RegistryConfig | None = None,
+) -> RegisterResult:
+    """Register the package in `package_dir` as a new version of `name`, and promote it if it wins."""
+    if tracking is None:
+        raise ConfigError("register: needs MLflow tracking settings (a registry to register into)")
+    from mlflow.exceptions import MlflowException
+
+    gate = gate or RegistryConfig()
+    meta = load_export(package_dir)
+    metric, direction, (section, key) = PROMOTION_METRIC[meta["kind"]]
+    evaluation = read_eval(eval_path)
+    value = float(evaluation[section][key])
+    evidence, paired_gate = EVIDENCE[meta["kind"]]
+    kept = evaluation[section].get(evidence)
+    predictions = Path(eval_path).parent / kept["file"] if kept else None
+    scoring_reference = evaluation[section].get("scoring_reference")  # a classifier's, evaluated since it was kept
+    scoring_reference = Path(eval_path).parent / scoring_reference["file"] if scoring_reference else None
+    tags = {
+        "gptcore.kind": meta["kind"],
+        "gptcore.data_digest": meta["data_digest"],
+        "gptcore.tokenizer_digest": meta["tokenizer_digest"],
+        "gptcore.tokens_digest": meta.get("tokens_digest"),
+        f"gptcore.metric.{metric}": value,
+        "gptcore.parity": json.dumps(meta["parity"]),
+        **source_tags(),
+    }
+    # each precision variant ships in the version's package; its parity figures are on the version too
+    tags["gptcore.variants"] = json.dumps(
+        {
+            variant: {k: entry["parity"].get(k) for k in PARITY_TAG_FIELDS}
+            for variant, entry in meta.get("variants", {}).items()
+        }
+    )
+    if kept:
+        tags["gptcore.test_examples_digest"] = kept["examples_digest"]
+        tags[PREDICTIONS_TAG] = f"evaluation/{kept['file']}"
+    if scoring_reference is not None:
+        tags[SCORING_REFERENCE_TAG] = f"evaluation/{scoring_reference.name}"
+    if config is not None:
+        tags["gptcore.config"] = json.dumps(config, sort_keys=True)[:5000]
+    checkpoint = source_checkpoint(meta)
+    if checkpoint is not None:
+        tags[CHECKPOINT_TAG] = CHECKPOINT_ARTIFACT
+    client = tracking.client()
+    with stage_run(tracking, f"register_{meta['kind']}", tags={"gptcore.data_digest": meta["data_digest"]}) as run:
+        logged = log_pyfunc(run, package_dir, meta)
+        if checkpoint is not None:
+            for file in CHECKPOINT_FILES:  # not `name`: that is the registered model's
+                run.log_artifact(checkpoint / file, CHECKPOINT_ARTIFACT)
+            run.log_artifact(Path(package_dir) / TOKENIZER_FILE, CHECKPOINT_ARTIFACT)
+        for evaluated in (predictions, scoring_reference):
+            if evaluated is not None:
+                run.log_artifact(str(evaluated), "evaluation")
+        try:
+            client.create_registered_model(name, description=f"gptcore {meta['kind']} (ONNX package)")
+        except MlflowException:
+            pass  # already registered
+        # The source is where the model's files are, not models:/<model_id>: MLflow's SQL registry
+        # resolves that through the process-wide tracking URI, not this client's.
+        version = client.create_model_version(
+            name,
+            source=logged.artifact_location,
+            run_id=run.run_id,
+            tags={k: str(v) for k, v in tags.items()},
+            model_id=logged.model_id,
+        ).version
+        client.set_registered_model_alias(name, CHALLENGER, version)
+        champion = current_champion(client, name)
+        decision = decide(
+            tracking,
+            champion,
+            metric,
+            value,
+            direction,
+            predictions,
+            kept and kept["examples_digest"],
+            gate,
+            paired_gate,
+        )
+        promoted, reason = decision.promote, decision.reason
+        apply_decision(client, name, version, champion, decision)
+        champion_version = version if promoted else champion.version
+        run.log_metrics({metric: value, "promoted": float(promoted)})
+        run.set_tags({"gptcore.registered_model": f"{name}/{version}", "gptcore.promotion": reason})
+    log.info(
+        "register: %s v%s (%s %.4f): %s; champion is v%s (%s)",
+        name,
+        version,
+        metric,
+        value,
+        "promoted" if promoted else "kept as challenger",
+        champion_version,
+        reason,
+    )
+    return RegisterResult(name, str(version), metric, value, str(champion_version), promoted, reason)

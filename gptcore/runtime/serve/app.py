@@ -1,0 +1,304 @@
+"""`gptcore serve`: an HTTP API over a language model and/or a classifier (FastAPI + uvicorn, no torch).
+
+    POST /v1/generate  {prompt, max_new_tokens, temperature, top_k, top_p, seed, stream}
+    POST /v1/classify  {texts: [...]}
+    GET  /healthz (alive)  /readyz (models loaded, which versions)  /metrics (Prometheus text)
+
+/v1/* and /metrics need `Authorization: Bearer $GPTCORE_SERVE_TOKEN`; without a token the server
+binds only to loopback. Every request is bounded before it costs anything: its body size, its
+fields (pydantic, each limit named in the 422), the prompt's tokens, then a model slot (at most
+max_concurrency calls run, max_queue wait, the rest get 429 at once). Models load after the
+server binds (/readyz says 503 until then); a `models:/NAME@ALIAS` model follows its alias.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the request models (defined in
+# create_app, from the limits) from the endpoints' annotations at runtime.
+
+import asyncio
+import ipaddress
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from gptcore.errors import ConfigError, GptcoreError
+from gptcore.runtime.lm import text_pieces
+from gptcore.runtime.serve.admission import Admission, BodyLimit, Overloaded
+from gptcore.runtime.serve.metrics import Instrument, ServerMetrics
+from gptcore.runtime.serve.models import ServedModels, follows_alias
+from gptcore.runtime.serve.requests import BearerAuth, ServeConfig, field_error, invalid, request_models
+
+log = logging.getLogger("gptcore.serve")
+
+TOKEN_ENV = "GPTCORE_SERVE_TOKEN"
+ENDPOINTS = {"/v1/generate", "/v1/classify", "/healthz", "/readyz", "/metrics"}
+
+
+def load_function(config: ServeConfig) -> Callable[[str], Any]:
+    from gptcore.runtime import load_model
+
+    return partial(
+        load_model,
+        device=config.device,
+        threads=config.threads,
+        variant=config.variant,
+        tracking_uri=config.tracking_uri,
+        registry_uri=config.registry_uri,
+    )
+
+
+def create_app(
+    config: ServeConfig,
+    token: str | None = None,
+    models: ServedModels | None = None,
+    on_load_failure: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """The app; its models load in the background once it starts (`on_load_failure(message)` if they cannot)."""
+    limits = config.limits
+    models = models or ServedModels(config.models, load_function(config), config.tracking_uri, config.registry_uri)
+    metrics = ServerMetrics()
+    admission = Admission(limits.max_concurrency, limits.max_queue)
+    metrics.watch(admission)
+    state = {"ready": False, "error": None}
+    GenerateRequest, ClassifyRequest = request_models(limits)
+
+    async def load_then_follow_aliases() -> None:
+        try:
+            await asyncio.to_thread(models.load_all)
+        except Exception as e:  # an unreadable package, an unknown alias, two LMs: the server cannot serve
+            state["error"] = str(e) if isinstance(e, GptcoreError) else f"{type(e).__name__}: {e}"
+            log.error("serve: cannot load the models: %s", state["error"])
+            if on_load_failure is not None:
+                on_load_failure(state["error"])
+            return
+        state["ready"] = True
+        if config.reload_interval > 0 and any(follows_alias(uri) for uri in config.models):
+            while True:
+                await asyncio.sleep(config.reload_interval)
+                for outcome in await asyncio.to_thread(models.refresh):
+                    metrics.reloads.labels(outcome).inc()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(load_then_follow_aliases())
+        yield
+        task.cancel()
+        admission.shutdown()
+
+    app = FastAPI(title="gptcore", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.models, app.state.metrics, app.state.load_state = models, metrics, state
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(BearerAuth, token=token)
+    app.add_middleware(Instrument, metrics=metrics, endpoints=ENDPOINTS)  # outermost: counts 401s and 413s too
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_failed(request, exc: RequestValidationError) -> JSONResponse:
+        return invalid([field_error(e) for e in exc.errors()])
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(request, exc: Overloaded) -> JSONResponse:
+        return JSONResponse(
+            {
+                "error": f"busy: {admission.running} requests running (at most "
+                f"{limits.max_concurrency}) and {admission.waiting} waiting (at most "
+                f"{limits.max_queue}); retry later"
+            },
+            status_code=429,
+            headers={"Retry-After": "1"},
+        )
+
+    @app.exception_handler(Exception)
+    async def failed(request, exc: Exception) -> JSONResponse:  # uvicorn logs the traceback
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+    def served(kind: str):
+        if not state["ready"]:
+            raise HTTPException(
+                503,
+                "the models are still loading"
+                if state["error"] is None
+                else f"the models failed to load: {state['error']}",
+            )
+        model = models.get(kind)
+        if model is None:
+            raise HTTPException(
+                404,
+                f"no {'language model' if kind == 'lm' else 'classifier'} is served here "
+                f"(serving: {', '.join(m['kind'] for m in models.describe())})",
+            )
+        return model
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        if not state["ready"]:
+            return JSONResponse({"ready": False, "error": state["error"]}, status_code=503)
+        return JSONResponse({"ready": True, "models": models.describe()})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.post("/v1/generate")
+    async def generate(request: GenerateRequest) -> Response:
+        lm = served("lm")
+        prompt_ids = lm.model.encode(request.prompt)
+        if len(prompt_ids) > limits.max_prompt_tokens:
+            return invalid(
+                [
+                    {
+                        "field": "prompt",
+                        "message": f"{len(prompt_ids)} tokens; at most "
+                        f"{limits.max_prompt_tokens} (--max-prompt-tokens)",
+                    }
+                ]
+            )
+        sampling = (request.max_new_tokens, request.temperature, request.top_k, request.top_p, request.seed)
+        await admission.acquire()
+        if request.stream:
+            return StreamingResponse(
+                stream_events(lm, prompt_ids, sampling),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+
+        def complete() -> tuple[list[int], str]:
+            new = lm.model.generate_ids(prompt_ids, *sampling)
+            return new, lm.model.tokenizer.decode(new, skip_special_tokens=True)
+
+        new, text = await asyncio.wrap_future(admission.start(complete))
+        metrics.tokens.inc(len(new))
+        return JSONResponse({"text": text, **finish(lm, len(prompt_ids), len(new), request.max_new_tokens)})
+
+    def stream_events(lm, prompt_ids: list[int], sampling: tuple) -> AsyncIterator[str]:
+        """Start generating on a model thread (under the slot the caller took) and relay its pieces as SSE.
+
+        The thread holds the slot until it ends; it stops early when the client goes away.
+        """
+        loop, events, gone = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+        emit = partial(loop.call_soon_threadsafe, events.put_nowait)  # at most max_new_tokens pieces
+
+        def produce() -> None:
+            count = 0
+
+            def counted():
+                nonlocal count
+                for token in lm.model.iter_ids(prompt_ids, *sampling):
+                    count += 1
+                    yield token
+
+            try:
+                for piece in text_pieces(lm.model.tokenizer, counted()):
+                    if gone.is_set():
+                        break
+                    emit(("piece", piece))
+                emit(("end", count))
+            except Exception as e:
+                log.exception("serve: streamed generation failed")
+                emit(("error", f"{type(e).__name__}: {e}"))
+            finally:
+                metrics.tokens.inc(count)
+
+        admission.start(produce)
+
+        async def relay() -> AsyncIterator[str]:
+            try:
+                while True:
+                    kind, value = await events.get()
+                    if kind == "piece":
+                        yield f"data: {json.dumps({'text': value})}\n\n"
+                    elif kind == "error":
+                        metrics.errors.labels("/v1/generate").inc()
+                        yield f"event: error\ndata: {json.dumps({'error': value})}\n\n"
+                        return
+                    else:
+                        yield f"data: {json.dumps(finish(lm, len(prompt_ids), value, sampling[0]))}\n\n"
+                        yield "data: [DONE]\n\n"
+                        return
+            finally:
+                gone.set()
+
+        return relay()
+
+    @app.post("/v1/classify")
+    async def classify(request: ClassifyRequest) -> dict:
+        clf = served("classifier")
+        results = await admission.run(clf.model.classify, request.texts)
+        return {"results": results, "model": clf.uri, "version": clf.version}
+
+    return app
+
+
+def finish(lm, prompt_tokens: int, new_tokens: int, max_new_tokens: int) -> dict[str, Any]:
+    """What ends a generation's answer: token counts, why it stopped, which model version made it."""
+    return {
+        "tokens": new_tokens,
+        "prompt_tokens": prompt_tokens,
+        "finish_reason": "length" if new_tokens == max_new_tokens else "stop",
+        "model": lm.uri,
+        "version": lm.version,
+    }
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Refuse to expose an unauthenticated server beyond this machine."""
+    if token:
+        return
+    if not is_loopback(host):
+        raise ConfigError(
+            f"--host {host}: not a loopback address, and {TOKEN_ENV} is not set: an open server "
+            f"would let anyone on the network use the models. Set {TOKEN_ENV} (clients then send "
+            "Authorization: Bearer <token>) or bind to 127.0.0.1"
+        )
+    log.warning(
+        "serve: %s is not set: /v1/* and /metrics answer without authentication (loopback %s only)", TOKEN_ENV, host
+    )
+
+
+def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, token: str | None = None) -> None:
+    """Run the server until SIGINT/SIGTERM; a GptcoreError if the models cannot be loaded."""
+    import uvicorn
+
+    check_bind(host, token)
+    server: uvicorn.Server | None = None
+
+    def stop(message: str) -> None:
+        server.should_exit = True
+
+    app = create_app(config, token, on_load_failure=stop)
+    limits = config.limits
+    # uvicorn's own cap on open connections (beyond it: 503), so bodies being read stay bounded
+    # too; set well above the admission bound, which answers 429 below it.
+    connections = 2 * (limits.max_concurrency + limits.max_queue) + 64
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=host, port=port, access_log=False, limit_concurrency=connections, timeout_graceful_shutdown=10
+        )
+    )
+    server.run()
+    if app.state.load_state["error"] is not None:
+        raise GptcoreError(f"cannot load the models: {app.state.load_state['error']}")

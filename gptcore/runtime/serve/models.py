@@ -1,0 +1,122 @@
+"""The models a server answers with (at most one language model and one classifier), and their hot reload.
+
+A model given as `models:/NAME@ALIAS` follows its alias: `refresh` asks the registry which version
+the alias names and, when that changed, loads the new version beside the old one and swaps the
+reference. A request takes its model once, when it starts, so in-flight requests finish on the
+version they began with; a failed reload keeps the version being served.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gptcore.errors import InputError
+from gptcore.runtime.package import model_version
+
+log = logging.getLogger("gptcore.serve")
+
+
+@dataclass(frozen=True)
+class Served:
+    model: Any  # OnnxLM or OnnxClassifier
+    kind: str  # "lm" or "classifier"
+    uri: str  # as given on the command line
+    version: str | None  # the registered version; None for a package directory or a run's artifacts
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "uri": self.uri,
+            "version": self.version,
+            "provider": self.model.provider,
+            "variant": self.model.variant,
+        }
+
+
+def follows_alias(uri: str) -> bool:
+    return uri.startswith("models:/") and "@" in uri
+
+
+def pinned_version(uri: str) -> str | None:
+    """VERSION of `models:/NAME/VERSION`; None for anything else."""
+    if not uri.startswith("models:/") or "@" in uri:
+        return None
+    return uri[len("models:/") :].partition("/")[2] or None
+
+
+class ServedModels:
+    """The served model of each kind; `load_all` once, then `refresh` to follow registry aliases."""
+
+    def __init__(
+        self,
+        uris: list[str],
+        load: Callable[[str], Any],
+        tracking_uri: str | None = None,
+        registry_uri: str | None = None,
+    ):
+        self.uris, self.load = list(uris), load
+        self.tracking_uri, self.registry_uri = tracking_uri, registry_uri or tracking_uri
+        self.by_kind: dict[str, Served] = {}
+        self._client = None
+
+    def get(self, kind: str) -> Served | None:
+        return self.by_kind.get(kind)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [served.describe() for served in self.by_kind.values()]
+
+    def client(self):
+        if self._client is None:  # MLflow is imported only when a registry URI is served
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
+        return self._client
+
+    def load_uri(self, uri: str, version: str | None = None) -> Served:
+        """Load `uri`, or, for an alias, the given registered `version` of its model (the one it named when asked)."""
+        if version is not None:
+            model = self.load(f"models:/{uri[len('models:/') :].partition('@')[0]}/{version}")
+        else:
+            model = self.load(uri)
+            version = pinned_version(uri)
+        return Served(model, model.package.kind, uri, version)
+
+    def alias_version(self, uri: str) -> str:
+        return str(model_version(self.client(), uri).version)
+
+    def load_all(self) -> None:
+        """Load every model; two of one kind are an error (a request could not say which it means)."""
+        for uri in self.uris:
+            served = self.load_uri(uri, self.alias_version(uri) if follows_alias(uri) else None)
+            if served.kind in self.by_kind:
+                raise InputError(
+                    f"{uri}: a second {served.kind} (after {self.by_kind[served.kind].uri}); "
+                    "serve at most one language model and one classifier"
+                )
+            self.by_kind[served.kind] = served
+            log.info("serve: %s loaded (%s, version %s, %s)", uri, served.kind, served.version, served.model.provider)
+
+    def refresh(self) -> list[str]:
+        """Follow each alias to its current version: the outcome per alias that moved ("reloaded" or "failed")."""
+        outcomes = []
+        for kind, served in list(self.by_kind.items()):
+            if not follows_alias(served.uri):
+                continue
+            try:
+                version = self.alias_version(served.uri)
+                if version == served.version:
+                    continue
+                fresh = self.load_uri(served.uri, version)
+                if fresh.kind != kind:
+                    raise InputError(f"{served.uri}: version {version} is a {fresh.kind}, not a {kind}")
+            except Exception as e:  # the registry or the new package failed: keep serving what works
+                log.error("serve: reloading %s failed, still serving version %s: %s", served.uri, served.version, e)
+                outcomes.append("failed")
+                continue
+            self.by_kind[kind] = fresh  # one reference swap: requests already running keep the old model
+            log.info("serve: %s now serves version %s (was %s)", served.uri, version, served.version)
+            outcomes.append("reloaded")
+        return outcomes

@@ -1,0 +1,2 @@
+"""Training: the loop every training stage shares, its parts (optimizers, batches, checkpoints,
+parallelism), and the pretrain, finetune and sft stages."""

@@ -1,0 +1,85 @@
+"""The production stack's files, checked for structure (no Docker engine runs here): services,
+images, ports, volumes, and every secret a required variable from the environment, never a value."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import yaml
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+REQUIRED_VAR = re.compile(r"\$\{[A-Z0-9_]+:\?[^}]+\}")
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|AUTH_STRING")
+
+
+def compose() -> dict:
+    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+
+def test_compose_has_the_stack_and_its_wiring():
+    services = compose()["services"]
+    assert {
+        "prefect-db",
+        "mlflow-db",
+        "minio",
+        "minio-init",
+        "mlflow",
+        "prefect-server",
+        "prefect-worker",
+        "prefect-worker-gpu",
+    } <= set(services)
+    assert services["prefect-db"]["image"].startswith("postgres:") and services["mlflow-db"]["image"].startswith(
+        "postgres:"
+    )
+    assert services["prefect-server"]["image"].startswith("prefecthq/prefect:3")
+    assert "4200:4200" in services["prefect-server"]["ports"] and "5000:5000" in services["mlflow"]["ports"]
+    assert services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith(
+        "postgresql+asyncpg://prefect:"
+    )
+    mlflow_cmd = " ".join(services["mlflow"]["command"])
+    for flag in ("--app-name basic-auth", '--backend-store-uri "postgresql://', "--artifacts-destination s3://mlflow"):
+        assert flag in mlflow_cmd
+    assert services["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    worker = services["prefect-worker"]
+    assert worker["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert worker["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert "gptcore-process" in worker["command"]
+    gpu = services["prefect-worker-gpu"]
+    assert gpu["profiles"] == ["gpu"] and gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    named = set(compose()["volumes"])
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            assert volume.split(":")[0] in named, f"{name}: volume {volume} is not declared"
+
+
+def test_every_secret_comes_from_the_environment():
+    found = 0
+    for name, service in compose()["services"].items():
+        for key, value in (service.get("environment") or {}).items():
+            if SECRET_NAME.search(key):
+                found += 1
+                assert REQUIRED_VAR.fullmatch(str(value)), f"{name}.{key} must be ${{VAR:?...}}, not {value!r}"
+            elif "${" in str(value):
+                assert REQUIRED_VAR.search(str(value)), f"{name}.{key}: a variable with no :? can default to empty"
+    assert found >= 9
+    example = (DEPLOY / "stack.env.example").read_text().splitlines()
+    assert all(line.split("=", 1)[1] in ("", "admin") for line in example if "=" in line and not line.startswith("#"))
+
+
+def test_the_env_file_with_real_secrets_is_ignored_by_git():
+    root = DEPLOY.parent
+    if not (root / ".git").exists():
+        return  # an sdist: no repository to ask
+    ignored = subprocess.run(["git", "check-ignore", "-q", "deploy/stack.env"], cwd=root)
+    assert ignored.returncode == 0
+
+
+def test_dockerfile_is_cuda_runtime_non_root_and_installs_the_package():
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"^FROM nvidia/cuda:[\w.\-]+-runtime-", text, re.M)
+    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert users and users[-1] not in ("root", "0")
+    assert re.search(r"pip install \. ", text) and "COPY gptcore gptcore" in text and "COPY flows flows" in text
+    assert not SECRET_NAME.search(re.sub(r"#.*", "", text))  # no secret baked into the image
