@@ -81,8 +81,8 @@ pretrain_task = _stage(
     "pretrain",
     reads=lambda p: [Workdir(p["workdir"]).tokenizer],
     writes=lambda p: [Workdir(p["workdir"]).pretrain],
-    views={"cfg": lambda cfg: [cfg.model, cfg.pretrain]},
-)  # the only sections it reads
+    views={"cfg": lambda cfg: [cfg.model, cfg.pretrain]},  # the only sections of the config it reads
+)
 finetune_task = _stage(
     finetune, "finetune", reads=named("pretrained_dir", "data_dir", "tokenized_dir"), writes=named("out_dir")
 )

@@ -1,8 +1,11 @@
+import numpy as np
 import pytest
 import torch
 
+from gptcore import metrics
 from gptcore.config import ModelConfig
-from gptcore.model import GPT, GPTClassifier
+from gptcore.metrics import IGNORE_INDEX
+from gptcore.model import GPT, GPTClassifier, sequence_nll, token_nll
 
 CFG = ModelConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, vocab_size=50)
 
@@ -18,6 +21,24 @@ def test_shapes_and_tied_head():
     assert logits.shape == (3, 7, 64)  # vocab 50 padded to a multiple of 64
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert gpt.lm_head.weight is gpt.wte.weight
+
+
+def test_one_nll_over_the_tokenizers_vocabulary_in_torch_and_numpy():
+    gpt = make_gpt()
+    ids = torch.randint(0, 50, (3, 7))
+    targets = torch.randint(0, 50, (3, 7))
+    targets[0, :3] = IGNORE_INDEX  # e.g. a prompt's tokens: no loss
+    logits, loss = gpt(ids, targets=targets)
+    logits = logits.detach()
+    logits[..., 50:] = 30.0  # the embedding's padding rows: were they in the softmax, they would take the mass
+    nll = token_nll(logits, targets, vocab_size=50)
+    assert nll.shape == (3, 7) and (nll[0, :3] == 0).all() and (nll[nll != 0] < 10).all()
+    np.testing.assert_allclose(metrics.token_nll(logits[..., :50].numpy(), targets.numpy()), nll.numpy(), rtol=1e-5)
+    # the training loss is the mean over the targets that carry loss; scoring sees the same figures
+    kept = targets != IGNORE_INDEX
+    torch.testing.assert_close(loss, token_nll(gpt(ids)[0], targets, 50)[kept].mean())
+    scored = sequence_nll(gpt, ids.numpy(), targets.numpy(), batch_size=2)
+    np.testing.assert_allclose(scored, token_nll(gpt(ids)[0], targets, 50).detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_causal_future_tokens_do_not_change_past_logits():
