@@ -246,9 +246,9 @@ def population_stability_index(expected: np.ndarray, actual: np.ndarray, eps: fl
 def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """(..., V) logits over the tokenizer's vocabulary, (...) targets -> (...) NLL in nats, 0 where
     the target is IGNORE_INDEX. The numpy twin of `gptcore.model.token_nll` (for ONNX Runtime's logits)."""
-    logits = np.asarray(logits, dtype=np.float64)
+    logits = np.asarray(logits)  # float32 from ONNX Runtime: the (B, T, V) temporaries stay half the size
     peak = logits.max(axis=-1, keepdims=True)
-    log_z = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[..., 0]
+    log_z = (np.log(np.exp(logits - peak).sum(axis=-1)) + peak[..., 0]).astype(np.float64)
     scored = targets != IGNORE_INDEX
     picked = np.take_along_axis(logits, np.where(scored, targets, 0)[..., None], axis=-1)[..., 0]
     return np.where(scored, log_z - picked, 0.0)
