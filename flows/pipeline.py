@@ -1,7 +1,13 @@
 """The whole pipeline as one Prefect flow: each task calls exactly one gptcore stage function.
 
-ingest -> tokenizer -> pretrain -> finetune, chat SFT -> evaluate (LM, classifier, chat) -> export (LM, classifier)
--> register + promote (both) -> score the test split with the champion classifier.
+ingest -> tokenizer -> pretrain -> finetune, chat SFT -> evaluate (LM, classifier, chat) -> export (the three)
+-> register + promote (the three) -> score the test split with the champion classifier; the new chat
+version answers held-out conversations beside the champion.
+
+The LM always runs; the classifier branch (finetune to score) and the chat branch (SFT, its
+evaluation, export and registration) run when enabled and the ingested corpus has their data
+(`gptcore.data.availability`), decided right after ingestion; a skipped branch gets one log line
+and a line in the summary.
 
 Stages hand each other directories, never tensors, and one MLflow run named `pipeline` holds
 a nested run per stage. With no Prefect server configured, Prefect starts a temporary local one.
@@ -23,9 +29,11 @@ from prefect.artifacts import create_markdown_artifact
 from flows.stage_cache import stage_cache
 from flows.summary import pipeline_summary, promotion_markdown
 from flows.tasks import (
+    chat_versions_task,
     evaluate_classifier_task,
     evaluate_lm_task,
     evaluate_sft_task,
+    export_chat_task,
     export_classifier_task,
     export_lm_task,
     finetune_task,
@@ -37,6 +45,7 @@ from flows.tasks import (
     sft_task,
     tokenizer_task,
 )
+from gptcore.data.availability import CHAT, CLASSIFIER, SCORE, optional_stages
 from gptcore.layout import Workdir
 from gptcore.presets import load_config
 from gptcore.tracking import Tracking, load_settings, stage_run
@@ -82,7 +91,8 @@ def pipeline_flow(
     mlflow_config: str | None = None,
     fresh: bool = False,
 ) -> dict[str, Any]:
-    """Build, evaluate, export, register and serve a GPT and a classifier from the configured corpus.
+    """Build, evaluate, export, register and serve a GPT, and a classifier and a chat model where the
+    configured corpus has their data (labels, dialogue) and the config does not turn them off.
 
     Stages an earlier run completed with the same inputs are reused, unless `fresh`.
     """
@@ -103,28 +113,58 @@ def _pipeline(preset: str, config_path: str | None, workdir: str, mlflow_config:
         parent.log_params(cfg.to_dict())
         t = Tracking(settings, parent.run_id)
         data = ingest_task(cfg.ingest, w.data, t)
+        # Decided before pretraining: a branch the corpus has no data for costs nothing.
+        skipped = optional_stages(cfg, w.data)
+        for reason in skipped.values():
+            if reason is not None:
+                logger.info("%s", reason)
+        run_classifier, run_chat = skipped[CLASSIFIER] is None, skipped[CHAT] is None
+        finetuned = cls_eval = cls_pkg = cls_reg = scores = None
+        chat = chat_eval = chat_pkg = chat_reg = chat_versions = None
         tokens = tokenizer_task(cfg.tokenizer, w.data, w.tokenizer, t)
         pretrained = pretrain_task(cfg, w.root, t)
-        finetuned = finetune_task(cfg.finetune, w.pretrain, w.data, w.tokenizer, w.finetune, t)
-        chat = sft_task(cfg.sft, w.pretrain, w.data, w.tokenizer, w.sft, t)
+        if run_classifier:
+            finetuned = finetune_task(cfg.finetune, w.pretrain, w.data, w.tokenizer, w.finetune, t)
+        if run_chat:
+            chat = sft_task(cfg.sft, w.pretrain, w.data, w.tokenizer, w.sft, t)
         lm_eval = evaluate_lm_task(cfg.evaluate, w.pretrain, w.tokenizer, w.eval, t, data_dir=w.data)
-        cls_eval = evaluate_classifier_task(w.finetune, w.data, w.tokenizer, w.eval, t)
-        chat_eval = evaluate_sft_task(cfg.sft, w.sft, w.pretrain, w.data, w.tokenizer, w.eval, t)
+        if run_classifier:
+            cls_eval = evaluate_classifier_task(w.finetune, w.data, w.tokenizer, w.eval, t)
+        if run_chat:
+            chat_eval = evaluate_sft_task(cfg.sft, w.sft, w.pretrain, w.data, w.tokenizer, w.eval, t)
         lm_pkg = export_lm_task(cfg.export, w.pretrain, w.tokenizer, w.export("lm"), t)
-        cls_pkg = export_classifier_task(cfg.export, w.finetune, w.data, w.tokenizer, w.export("classifier"), t)
+        if run_classifier:
+            cls_pkg = export_classifier_task(cfg.export, w.finetune, w.data, w.tokenizer, w.export("classifier"), t)
+        if run_chat:
+            chat_pkg = export_chat_task(cfg.export, cfg.sft, w.sft, w.data, w.export("chat"), t)
         lm_reg = register_task(
             w.export("lm"), lm_eval.metrics_path, cfg.registry.lm_name, t, cfg.to_dict(), cfg.registry
         )
-        cls_reg = register_task(
-            w.export("classifier"), cls_eval.metrics_path, cfg.registry.classifier_name, t, cfg.to_dict(), cfg.registry
-        )
-        scores = score_task(
-            cls_reg.champion_uri, data.split_path("test"), w.scores / "test_scores.parquet", "text", t, cfg.score
-        )
+        if run_classifier:
+            cls_reg = register_task(
+                w.export("classifier"),
+                cls_eval.metrics_path,
+                cfg.registry.classifier_name,
+                t,
+                cfg.to_dict(),
+                cfg.registry,
+            )
+        if run_chat:
+            chat_reg = register_task(
+                w.export("chat"), chat_eval.metrics_path, cfg.registry.chat_name, t, cfg.to_dict(), cfg.registry
+            )
+            chat_versions = chat_versions_task(
+                chat_reg, cfg.sft, str(w.data), settings.tracking_uri, settings.registry_uri
+            )
+        if skipped[SCORE] is None:
+            scores = score_task(
+                cls_reg.champion_uri, data.split_path("test"), w.scores / "test_scores.parquet", "text", t, cfg.score
+            )
         summary = pipeline_summary(
             workdir=w.root,
             settings=settings,
             seconds=time.perf_counter() - start,
+            skipped=skipped,
             data=data,
             tokens=tokens,
             pretrained=pretrained,
@@ -135,9 +175,12 @@ def _pipeline(preset: str, config_path: str | None, workdir: str, mlflow_config:
             chat_eval=chat_eval,
             lm_pkg=lm_pkg,
             cls_pkg=cls_pkg,
+            chat_pkg=chat_pkg,
             lm_reg=lm_reg,
             cls_reg=cls_reg,
+            chat_reg=chat_reg,
             scores=scores,
+            chat_versions=chat_versions,
         )
         parent.log_metrics({"pipeline_seconds": summary["seconds"]})
         parent.log_dict(summary, "summary.json")
@@ -145,15 +188,21 @@ def _pipeline(preset: str, config_path: str | None, workdir: str, mlflow_config:
         summary["markdown"], key="gptcore-pipeline-summary", description="gptcore pipeline summary"
     )
     create_markdown_artifact(
-        promotion_markdown([lm_reg, cls_reg]),
+        promotion_markdown([reg for reg in (lm_reg, cls_reg, chat_reg) if reg is not None]),
         key="gptcore-promotion",
         description="registry: each new version, and whether it took the champion alias",
     )
-    create_markdown_artifact(
-        Path(chat_eval.samples_path).read_text(encoding="utf-8"),
-        key="gptcore-chat-samples",
-        description="chat SFT: base vs fine-tuned answers to held-out prompts",
-    )
+    if chat_versions is not None:
+        create_markdown_artifact(
+            Path(chat_eval.samples_path).read_text(encoding="utf-8"),
+            key="gptcore-chat-samples",
+            description="chat SFT: base vs fine-tuned answers to held-out prompts",
+        )
+        create_markdown_artifact(
+            chat_versions,
+            key="gptcore-chat-versions",
+            description="the new chat version beside the champion, on held-out conversations",
+        )
     logger.info("\n%s", summary["text"])
     _MLFLOW_RUNS.pop(str(flow_run.id), None)
     return {k: v for k, v in summary.items() if k not in ("markdown",)}

@@ -4,6 +4,7 @@ and the headline metrics), and the promotion, scoring and drift reports as markd
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ def pipeline_summary(
     workdir: Path,
     settings: TrackingSettings,
     seconds: float,
+    skipped: dict[str, str | None],
     data,
     tokens,
     pretrained,
@@ -27,27 +29,37 @@ def pipeline_summary(
     chat_eval,
     lm_pkg,
     cls_pkg,
+    chat_pkg,
     lm_reg,
     cls_reg,
+    chat_reg,
     scores,
+    chat_versions: str | None = None,
 ) -> dict[str, Any]:
-    majority = cls_eval.majority
+    """The end-of-run summary: as text, as markdown and as figures. The results of a skipped branch
+    are None; its figures are None too, and `skipped` says why it did not run. `chat_versions`, the
+    new chat version's answers beside the champion's, ends the markdown."""
+    history = chat_eval.history if chat_eval is not None else None
+    majority = cls_eval.majority if cls_eval is not None else {}
     headline = {
         "lm_test_bpb": lm_eval.test["bpb"],
         "lm_unigram_test_bpb": lm_eval.unigram_bpb["test"],
         "lm_test_perplexity": lm_eval.test["perplexity"],
-        "classifier_test_accuracy": cls_eval.test["accuracy"],
-        "classifier_test_macro_f1": cls_eval.test["macro_f1"],
-        "classifier_test_macro_f1_ci": cls_eval.test["ci"]["macro_f1"],
-        "classifier_test_ece": cls_eval.test["ece"],
-        "chat_test_response_bpb": chat_eval.tuned["response_bpb"],
-        "chat_base_test_response_bpb": chat_eval.base["response_bpb"],
-        "chat_test_response_bpb_gain_ci": chat_eval.bpb_gain_ci,
-        "majority_test_accuracy": majority["accuracy"],
-        "majority_test_macro_f1": majority["macro_f1"],
+        "classifier_test_accuracy": cls_eval and cls_eval.test["accuracy"],
+        "classifier_test_macro_f1": cls_eval and cls_eval.test["macro_f1"],
+        "classifier_test_macro_f1_ci": cls_eval and cls_eval.test["ci"]["macro_f1"],
+        "classifier_test_ece": cls_eval and cls_eval.test["ece"],
+        "chat_test_response_bpb": chat_eval and chat_eval.tuned["response_bpb"],
+        "chat_base_test_response_bpb": chat_eval and chat_eval.base["response_bpb"],
+        "chat_test_response_bpb_gain_ci": chat_eval and chat_eval.bpb_gain_ci,
+        "chat_history_gain": history and history["gain"],
+        "chat_history_gain_ci": history and history["gain_ci"],
+        "majority_test_accuracy": majority.get("accuracy"),
+        "majority_test_macro_f1": majority.get("macro_f1"),
         "lm_parity_max_abs_logit_diff": lm_pkg.parity["max_abs_logit_diff"],
         "lm_parity_greedy_tokens_equal": lm_pkg.parity["greedy_tokens_equal"],
-        "classifier_parity_max_abs_logit_diff": cls_pkg.parity["max_abs_logit_diff"],
+        "classifier_parity_max_abs_logit_diff": cls_pkg and cls_pkg.parity["max_abs_logit_diff"],
+        "chat_parity_max_abs_logit_diff": chat_pkg and chat_pkg.parity["max_abs_logit_diff"],
     }
     models = {
         reg.name: {
@@ -57,8 +69,54 @@ def pipeline_summary(
             "reason": reg.reason,
             "uri": reg.champion_uri,
         }
-        for reg in (lm_reg, cls_reg)
+        for reg in (lm_reg, cls_reg, chat_reg)
+        if reg is not None
     }
+    classifier_rows = []
+    if cls_eval is not None:
+        classifier_rows = [
+            (
+                "classifier test accuracy",
+                f"{headline['classifier_test_accuracy']:.4f} "
+                f"(majority '{majority['majority_class']}' {headline['majority_test_accuracy']:.4f})",
+            ),
+            (
+                "classifier test macro-F1",
+                f"{headline['classifier_test_macro_f1']:.4f} (95% CI "
+                f"{headline['classifier_test_macro_f1_ci'][0]:.4f}-"
+                f"{headline['classifier_test_macro_f1_ci'][1]:.4f}; majority "
+                f"{headline['majority_test_macro_f1']:.4f}); ECE {headline['classifier_test_ece']:.4f}",
+            ),
+        ]
+    chat_rows = []
+    if chat_eval is not None:
+        chat_rows = [
+            (
+                "chat SFT response bits/byte",
+                f"{headline['chat_test_response_bpb']:.4f} vs base "
+                f"{headline['chat_base_test_response_bpb']:.4f} (gain 95% CI "
+                f"{chat_eval.bpb_gain_ci[0]:.4f}-{chat_eval.bpb_gain_ci[1]:.4f}; "
+                f"{chat.steps} steps, samples {chat_eval.samples_path})",
+            )
+        ]
+    if history is not None:
+        chat_rows.append(
+            (
+                "chat history",
+                f"last answers of {history['conversations']} multi-turn conversations: "
+                f"{history['full_history_bpb']:.4f} bits/byte with the history vs "
+                f"{history['last_turn_only_bpb']:.4f} after the last user turn alone (gain 95% CI "
+                f"{history['gain_ci'][0]:.4f}-{history['gain_ci'][1]:.4f})",
+            )
+        )
+    parity = (
+        f"LM max |dlogit| {headline['lm_parity_max_abs_logit_diff']:.1e}, greedy "
+        f"{headline['lm_parity_greedy_tokens_equal']}/{lm_pkg.parity['greedy_tokens']} equal"
+    )
+    if cls_pkg is not None:
+        parity += f"; classifier max |dlogit| {headline['classifier_parity_max_abs_logit_diff']:.1e}"
+    if chat_pkg is not None:
+        parity += f"; chat max |dlogit| {headline['chat_parity_max_abs_logit_diff']:.1e}"
     rows = [
         ("wall time", f"{seconds:.0f} s"),
         ("work directory", str(workdir)),
@@ -75,31 +133,9 @@ def pipeline_summary(
             "LM test bits/byte",
             f"{headline['lm_test_bpb']:.4f} (unigram baseline {headline['lm_unigram_test_bpb']:.4f})",
         ),
-        (
-            "classifier test accuracy",
-            f"{headline['classifier_test_accuracy']:.4f} "
-            f"(majority '{majority['majority_class']}' {headline['majority_test_accuracy']:.4f})",
-        ),
-        (
-            "classifier test macro-F1",
-            f"{headline['classifier_test_macro_f1']:.4f} (95% CI "
-            f"{headline['classifier_test_macro_f1_ci'][0]:.4f}-"
-            f"{headline['classifier_test_macro_f1_ci'][1]:.4f}; majority "
-            f"{headline['majority_test_macro_f1']:.4f}); ECE {headline['classifier_test_ece']:.4f}",
-        ),
-        (
-            "chat SFT response bits/byte",
-            f"{headline['chat_test_response_bpb']:.4f} vs base "
-            f"{headline['chat_base_test_response_bpb']:.4f} (gain 95% CI "
-            f"{chat_eval.bpb_gain_ci[0]:.4f}-{chat_eval.bpb_gain_ci[1]:.4f}; "
-            f"{chat.steps} steps, samples {chat_eval.samples_path})",
-        ),
-        (
-            "ONNX parity",
-            f"LM max |dlogit| {headline['lm_parity_max_abs_logit_diff']:.1e}, greedy "
-            f"{headline['lm_parity_greedy_tokens_equal']}/{lm_pkg.parity['greedy_tokens']} equal; classifier "
-            f"max |dlogit| {headline['classifier_parity_max_abs_logit_diff']:.1e}",
-        ),
+        *classifier_rows,
+        *chat_rows,
+        ("ONNX parity", parity),
         *[
             (
                 f"model {name}",
@@ -108,21 +144,25 @@ def pipeline_summary(
             )
             for name, m in models.items()
         ],
-        ("ONNX packages", f"{lm_pkg.package_dir}, {cls_pkg.package_dir}"),
-        ("scores", f"{scores.output_path} ({scores.rows} rows, {scores.provider})"),
+        ("ONNX packages", ", ".join(pkg.package_dir for pkg in (lm_pkg, cls_pkg, chat_pkg) if pkg is not None)),
+        *([("scores", f"{scores.output_path} ({scores.rows} rows, {scores.provider})")] if scores is not None else []),
+        *[("skipped", reason) for reason in skipped.values() if reason is not None],
         ("MLflow", f"{settings.tracking_uri} (browse: mlflow ui --backend-store-uri {settings.tracking_uri})"),
     ]
     width = max(len(k) for k, _ in rows)
     text = "gptcore pipeline finished\n" + "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
     markdown = "# gptcore pipeline\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    if chat_versions:
+        markdown += "\n\n" + re.sub(r"^(#+) ", r"#\1 ", chat_versions, flags=re.M)  # its headings under ours
     return {
         "seconds": seconds,
         "workdir": str(workdir),
         "tracking_uri": settings.tracking_uri,
         "headline": headline,
         "models": models,
-        "scores_path": scores.output_path,
-        "scores_rows": scores.rows,
+        "skipped": {branch: reason for branch, reason in skipped.items() if reason is not None},
+        "scores_path": scores and scores.output_path,
+        "scores_rows": scores and scores.rows,
         "text": text,
         "markdown": markdown,
     }

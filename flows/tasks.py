@@ -22,9 +22,11 @@ from gptcore.data.tokenizer import train_tokenizer
 from gptcore.eval.chat import evaluate_sft
 from gptcore.eval.classifier import evaluate_classifier
 from gptcore.eval.lm import evaluate_lm
+from gptcore.export.chat import export_chat_onnx
 from gptcore.export.classifier import export_classifier_onnx
 from gptcore.export.lm import export_lm_onnx
 from gptcore.layout import EVAL_FILES, Workdir
+from gptcore.registry.chat_samples import chat_versions_markdown
 from gptcore.registry.register import register
 from gptcore.registry.score import score
 from gptcore.tracking import is_transient
@@ -63,9 +65,9 @@ def _eval_files(kind: str) -> PathsOf:
     return lambda params: [Path(params["out_dir"]) / name for name in EVAL_FILES[kind]]
 
 
-def _with_chat_data(reads: PathsOf) -> PathsOf:
-    # Chat SFT also reads the conversations file of `sft.data`, when one is set.
-    return lambda params: reads(params) + ([Path(params["cfg"].data)] if params["cfg"].data else [])
+def _with_chat_data(reads: PathsOf, sft_cfg: str = "cfg") -> PathsOf:
+    # The chat stages also read the conversations file of `sft.data`, when one is set.
+    return lambda params: reads(params) + ([Path(params[sft_cfg].data)] if params[sft_cfg].data else [])
 
 
 ingest_task = _stage(
@@ -113,6 +115,12 @@ export_classifier_task = _stage(
     reads=named("finetuned_dir", "data_dir", "tokenized_dir"),
     writes=named("out_dir"),
 )
+export_chat_task = _stage(
+    export_chat_onnx,
+    "export-chat",
+    reads=_with_chat_data(named("sft_dir", "data_dir"), sft_cfg="sft_cfg"),
+    writes=named("out_dir"),
+)
 # What registering leaves is in the registry: reused while the model's aliases are where it left them.
 register_task = _stage(
     register,
@@ -123,6 +131,8 @@ register_task = _stage(
 )
 # Scoring runs every time: its model is whichever version holds the champion alias now.
 score_task = _stage(score, "score", **NETWORK_RETRIES)
+# The new chat version beside the champion it challenged, on held-out conversations: a report, made every run.
+chat_versions_task = _stage(chat_versions_markdown, "chat-versions", **NETWORK_RETRIES)
 
 
 @contextlib.contextmanager

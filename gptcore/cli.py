@@ -2,11 +2,12 @@
 
     gptcore pipeline  [--preset tiny] [--config FILE] [--workdir DIR] [--fresh]   the whole Prefect flow
     gptcore ingest | tokenizer | pretrain [--resume] | finetune [--resume] | sft [--resume] | evaluate | export
-    gptcore register
+    gptcore register      gptcore export --format hf   (transformers GPT-2 checkpoints of the LM, chat model)
     gptcore generate --model URI --prompt TEXT      gptcore score --model URI --input F --output F
     gptcore evaluate --model URI [--model URI ...] --data FILE    versions side by side on one file
     gptcore explain --model URI --text TEXT [--steps N] [--html OUT.html]
-    gptcore serve --model URI [--model URI] [--host H] [--port P]   HTTP API (token: $GPTCORE_SERVE_TOKEN)
+    gptcore chat --model URI [--system TEXT]   talk with a chat model in the terminal (/help lists the commands)
+    gptcore serve --model URI [--model URI ...] [--host H] [--port P]   HTTP API (token: $GPTCORE_SERVE_TOKEN)
 
 Stage verbs read and write the standard places inside --workdir (see gptcore/layout.py), so
 `gptcore ingest && gptcore tokenizer && gptcore pretrain ...` is the pipeline by hand.
@@ -23,7 +24,7 @@ from collections.abc import Callable
 
 from gptcore.config import PipelineConfig
 from gptcore.errors import ConfigError, GptcoreError
-from gptcore.layout import CLASSIFIER_EVAL, LM_EVAL, Workdir
+from gptcore.layout import CLASSIFIER_EVAL, LM_EVAL, SFT_EVAL, Workdir
 from gptcore.presets import PRESETS, load_config
 from gptcore.tracking import Tracking, load_settings
 
@@ -127,38 +128,44 @@ def cmd_evaluate_versions(args, cfg: PipelineConfig) -> None:
 
 
 def cmd_export(args, cfg: PipelineConfig) -> None:
+    w = Workdir(args.workdir)
+    if args.format == "hf":  # the LM, and the chat model unless --only lm; the classifier has no GPT-2 form
+        from gptcore.export.hf import export_hf_stage
+
+        if args.only == "classifier":
+            raise ConfigError("export --format hf: writes language models only; the classifier exports to onnx")
+        hf_dirs = (w.export("hf-lm"), w.export("hf-chat"))
+        return _print(export_hf_stage(w.pretrain, w.tokenizer, w.sft, *hf_dirs, chat=args.only != "lm"))
+    from gptcore.export.chat import export_chat_onnx
     from gptcore.export.classifier import export_classifier_onnx
     from gptcore.export.lm import export_lm_onnx
 
-    w, t = Workdir(args.workdir), _tracking(args)
-    if args.only in (None, "lm"):
-        _print(export_lm_onnx(cfg.export, w.pretrain, w.tokenizer, w.export("lm"), t))
-    if args.only in (None, "classifier"):
-        _print(export_classifier_onnx(cfg.export, w.finetune, w.data, w.tokenizer, w.export("classifier"), t))
+    t = _tracking(args)
+    exports = {
+        "lm": lambda: export_lm_onnx(cfg.export, w.pretrain, w.tokenizer, w.export("lm"), t),
+        "classifier": lambda: export_classifier_onnx(
+            cfg.export, w.finetune, w.data, w.tokenizer, w.export("classifier"), t
+        ),
+        "chat": lambda: export_chat_onnx(cfg.export, cfg.sft, w.sft, w.data, w.export("chat"), t),
+    }
+    for kind, export in exports.items():
+        if args.only in (None, kind):
+            _print(export())
 
 
 def cmd_register(args, cfg: PipelineConfig) -> None:
     from gptcore.registry.register import register
 
     w = Workdir(args.workdir)
-    settings = load_settings(args.workdir, args.mlflow_config)
-    if args.only in (None, "lm"):
-        _print(
-            register(
-                w.export("lm"), w.eval / LM_EVAL, cfg.registry.lm_name, Tracking(settings), cfg.to_dict(), cfg.registry
-            )
-        )
-    if args.only in (None, "classifier"):
-        _print(
-            register(
-                w.export("classifier"),
-                w.eval / CLASSIFIER_EVAL,
-                cfg.registry.classifier_name,
-                Tracking(settings),
-                cfg.to_dict(),
-                cfg.registry,
-            )
-        )
+    tracking = Tracking(load_settings(args.workdir, args.mlflow_config))
+    r = cfg.registry
+    for kind, evaluation, name in (
+        ("lm", LM_EVAL, r.lm_name),
+        ("classifier", CLASSIFIER_EVAL, r.classifier_name),
+        ("chat", SFT_EVAL, r.chat_name),
+    ):
+        if args.only in (None, kind):
+            _print(register(w.export(kind), w.eval / evaluation, name, tracking, cfg.to_dict(), r))
 
 
 def cmd_generate(args, cfg: PipelineConfig) -> None:
@@ -184,6 +191,23 @@ def cmd_generate(args, cfg: PipelineConfig) -> None:
     print(args.prompt + text)
 
 
+def cmd_chat(args, cfg: PipelineConfig) -> None:
+    from gptcore.runtime.terminal import Sampling, chat_in_terminal
+
+    settings = load_settings(args.workdir, args.mlflow_config)
+    chat_in_terminal(
+        args.model,
+        Sampling(args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed),
+        args.device,
+        args.threads,
+        args.variant,
+        args.tracking_uri or settings.tracking_uri,
+        args.registry_uri or settings.registry_uri,
+        args.system,
+        args.verbose,
+    )
+
+
 def cmd_score(args, cfg: PipelineConfig) -> None:
     from dataclasses import replace
 
@@ -199,7 +223,7 @@ def cmd_serve(args, cfg: PipelineConfig) -> None:
 
     settings = load_settings(args.workdir, args.mlflow_config)
     limits = ServeLimits(
-        args.max_concurrency, args.max_queue, args.max_prompt_tokens, args.max_new_tokens, args.max_batch
+        args.max_concurrency, args.max_queue, args.max_prompt_tokens, args.max_new_tokens, args.max_batch, args.max_n
     )
     config = ServeConfig(
         args.model,
@@ -265,11 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     pair = ["lm", "classifier"]
     for name, fn, models in (
         ("evaluate", cmd_evaluate, [*pair, "sft"]),
-        ("export", cmd_export, pair),
-        ("register", cmd_register, pair),
+        ("export", cmd_export, [*pair, "chat"]),
+        ("register", cmd_register, [*pair, "chat"]),
     ):
         p = verb(name, fn, f"{name} the workdir's models ({', '.join(models)})")
         p.add_argument("--only", choices=models, help="just one of them")
+    sub.choices["export"].add_argument(
+        "--format", choices=["onnx", "hf"], default="onnx", help="onnx packages, or transformers GPT-2 checkpoints (hf)"
+    )
     p = sub.choices["evaluate"]
     p.add_argument(
         "--model",
@@ -299,6 +326,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="precision variant of the package (auto: fp16 on CUDA, fp32 on CPU)",
     )
     p.add_argument("--threads", type=int, help="CPU threads (default: ONNX Runtime's)")
+    p = verb("chat", cmd_chat, "talk with an ONNX chat model in the terminal, answers streamed (/help: the commands)")
+    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/... or a package")
+    p.add_argument("--system", help="the system turn to start with (/system TEXT changes it)")
+    p.add_argument("--max-tokens", type=int, default=128, help="per answer (default: %(default)s)")
+    for flag, kind, default in (("--temperature", float, 0.8), ("--top-k", int, 50), ("--top-p", float, None)):
+        p.add_argument(flag, type=kind, default=default, help="default: %(default)s")
+    p.add_argument("--seed", type=int, help="each answer's sampling seed (default: none, a fresh draw each time)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--variant", default="auto", choices=["auto", "fp32", "fp16", "int8"], help="default: %(default)s")
+    p.add_argument("--threads", type=int, help="CPU threads (default: ONNX Runtime's)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI of models:/ and runs:/ (default: --mlflow-config's)")
+    p.add_argument("--registry-uri", help="MLflow registry URI (default: --mlflow-config's)")
+    p.add_argument("--verbose", action="store_true", help="print each turn's prompt token ids on stderr")
     p = verb("score", cmd_score, "classify a file of texts with an ONNX classifier into Parquet")
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a package directory")
     p.add_argument("--input", required=True, help=".parquet, .jsonl or .csv with a text column")
@@ -311,14 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb(
         "serve",
         cmd_serve,
-        "serve a language model and/or a classifier over HTTP (bearer token from $GPTCORE_SERVE_TOKEN)",
+        "serve a language model, a chat model and/or a classifier over HTTP, OpenAI-compatible endpoints "
+        "included (bearer token from $GPTCORE_SERVE_TOKEN)",
     )
     p.add_argument(
         "--model",
         action="append",
         required=True,
         help="models:/NAME@ALIAS (followed as the alias "
-        "moves), models:/NAME/VERSION or a package directory; repeat for an LM and a classifier",
+        "moves), models:/NAME/VERSION or a package directory; repeat for an LM, a chat model and a classifier "
+        "(at most one of each)",
     )
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind; beyond loopback only with a token (default: %(default)s)"
@@ -342,6 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=1024, help="default: %(default)s")
     p.add_argument("--max-new-tokens", type=int, default=256, help="default: %(default)s")
     p.add_argument("--max-batch", type=int, default=32, help="texts per /v1/classify request (default: %(default)s)")
+    p.add_argument(
+        "--max-n",
+        type=int,
+        default=8,
+        help="choices per /v1/chat/completions or /v1/completions request, decoded one after another "
+        "(default: %(default)s)",
+    )
     p.add_argument(
         "--reload-interval",
         type=float,

@@ -256,6 +256,9 @@ class PeftConfig:
 class FinetuneConfig(TrainConfig, PeftConfig):
     """Sequence classification: the training fields, the method (PeftConfig) and what defines the task."""
 
+    enabled: bool = True
+    """Run the classifier branch of the pipeline (fine-tune, evaluate, export, register, score); it is
+    also skipped, saying so, when the corpus has no `label_field` column or fewer than 2 labels."""
     label_field: str = "genre"
     """Column of the ingested splits that holds each document's label."""
     passage_tokens: int = 64
@@ -281,6 +284,9 @@ class SFTConfig(TrainConfig, PeftConfig):
     """As for classification, but never wte: the embedding is tied to the LM head, which the
     update would change at merge without having been trained through it."""
 
+    enabled: bool = True
+    """Run the chat branch of the pipeline (SFT and its evaluation); it is also skipped, saying so,
+    when `data` is unset and the corpus has no dialogue in the plays' markup."""
     data: str | None = None
     """A chat JSONL file (`prompt`/`response` or `messages` records); unset: the built-in example
     from the ingested plays (each speech as the prompt, the next character's reply as the response)."""
@@ -364,6 +370,8 @@ class RegistryConfig:
     """Registered model name of the language model."""
     classifier_name: str = "gptcore-classifier"
     """Registered model name of the classifier."""
+    chat_name: str = "gptcore-chat"
+    """Registered model name of the chat model."""
     min_improvement: float = 0.0
     """A classifier is promoted only when the 95% interval of its macro-F1 gain over the
     champion (paired bootstrap on the same test examples) lies entirely above this."""
@@ -376,7 +384,8 @@ class RegistryConfig:
     """Resamples of the paired bootstrap."""
 
     def __post_init__(self) -> None:
-        check(bool(self.lm_name) and bool(self.classifier_name), "lm_name/classifier_name", "must not be empty")
+        for name in ("lm_name", "classifier_name", "chat_name"):
+            check(bool(getattr(self, name)), name, "must not be empty")
         check_non_negative(self, "min_improvement", "lm_min_improvement", "guard_tolerance")
         check(self.bootstrap_resamples >= 100, "bootstrap_resamples", f"must be >= 100, got {self.bootstrap_resamples}")
 
@@ -391,6 +400,9 @@ class ScoreConfig:
     drift_threshold: float = 0.25
     """Flag drift when the population stability index of the predicted labels, or of the confidences,
     against the model's own test-set predictions exceeds this (0.25: the usual line of a major shift)."""
+    enabled: bool = True
+    """Score the test split with the champion classifier at the end of the pipeline (`gptcore score`
+    and the scoring flow score whatever this says)."""
 
     def __post_init__(self) -> None:
         check_positive(self, "chunk_rows", "batch_size", "drift_threshold")

@@ -31,12 +31,12 @@ SPECIAL_TOKENS = [EOT, PAD]
 LM_EVAL, LM_SAMPLES, DOC_BPB_FILE = "lm_eval.json", "samples.txt", "lm_doc_bpb.npz"
 CLASSIFIER_EVAL, CONFUSION_MATRIX, ATTRIBUTIONS = "classifier_eval.json", "confusion_matrix.png", "attributions.html"
 PREDICTIONS_FILE, SCORING_REFERENCE_FILE = "classifier_predictions.npz", "classifier_scoring_reference.npz"
-SFT_EVAL, SFT_SAMPLES = "sft_eval.json", "sft_samples.md"
+SFT_EVAL, SFT_SAMPLES, SFT_DOC_BPB = "sft_eval.json", "sft_samples.md", "sft_conversation_bpb.npz"
 # The evaluations share WORKDIR/eval: each owns only these files there.
 EVAL_FILES = {
     "lm": (LM_EVAL, LM_SAMPLES, DOC_BPB_FILE),
     "classifier": (CLASSIFIER_EVAL, CONFUSION_MATRIX, ATTRIBUTIONS, PREDICTIONS_FILE, SCORING_REFERENCE_FILE),
-    "sft": (SFT_EVAL, SFT_SAMPLES),
+    "sft": (SFT_EVAL, SFT_SAMPLES, SFT_DOC_BPB),
 }
 
 # The registry: aliases, and the tags naming what a version keeps beside its model.

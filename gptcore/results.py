@@ -274,6 +274,8 @@ class SFTEvalResult:
     tuned: dict[str, float]
     bpb_gain: float
     bpb_gain_ci: list[float]
+    test: dict  # the tuned model's response figures, and "documents": its per-conversation bits per byte
+    history: dict | None  # last answers of multi-turn conversations: with the history vs the last user turn only
 
 
 def read_eval(path: str | Path) -> dict:

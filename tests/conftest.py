@@ -18,6 +18,7 @@ from gptcore.config import (
     FinetuneConfig,
     IngestConfig,
     ModelConfig,
+    SFTConfig,
     TokenizerConfig,
     TrainConfig,
 )
@@ -48,6 +49,51 @@ def write_labelled_corpus(path: Path, docs_per_label: int = 20, seed: int = 0) -
                 text = " ".join(rng.choice(words) for _ in range(300)) + f". {label} {i}."
                 f.write(json.dumps({"text": text, "label": label}) + "\n")
     return path
+
+
+def write_chat(path: Path, n: int = 400, seed: int = 0) -> Path:
+    """Conversations of topic words: the reply names the topic and repeats the prompt's first word,
+    and every third conversation then asks "again?", whose right answer only the history holds."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            topic = rng.choice(sorted(WORDS))
+            words = [rng.choice(WORDS[topic]) for _ in range(6)]
+            reply = f"{topic}: {words[0]} {words[0]}"
+            if i % 3 == 1:
+                record = {"prompt": " ".join(words), "response": reply}
+            else:
+                turns = [("user", " ".join(words)), ("assistant", reply)]
+                if i % 3 == 2:
+                    turns += [("user", "again?"), ("assistant", reply)]
+                record = {"messages": [{"role": role, "content": text} for role, text in turns]}
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def sft_cfg(data, **overrides) -> SFTConfig:
+    """A chat SFT config small enough for the tests: 120 steps on CPU, few held-out conversations."""
+    return SFTConfig(
+        **{
+            "data": data and str(data),
+            "max_steps": 120,
+            "batch_size": 16,
+            "lr": 3e-3,
+            "min_lr": 3e-4,
+            "warmup_steps": 5,
+            "eval_interval": 40,
+            "eval_batches": 2,
+            "log_interval": 40,
+            "checkpoint_interval": 120,
+            "device": "cpu",
+            "val_fraction": 0.1,
+            "test_fraction": 0.1,
+            "eval_conversations": 60,
+            "samples": 2,
+            "max_new_tokens": 8,
+            **overrides,
+        }
+    )
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -197,6 +243,43 @@ def trained(small_corpus, tmp_path_factory):
         root / "ft",
     )
     return {**small_corpus, "pre": root / "pre", "ft": root / "ft", "root": root}
+
+
+@pytest.fixture(scope="session")
+def chat_trained(trained, tmp_path_factory):
+    """The tiny GPT fine-tuned to chat on the topic conversations of `write_chat`, and evaluated."""
+    from gptcore.eval.chat import evaluate_sft
+    from gptcore.train.sft import sft
+
+    root = tmp_path_factory.mktemp("sft")
+    cfg = sft_cfg(write_chat(root / "chat.jsonl"))
+    tracking = Tracking(
+        TrackingSettings(
+            tracking_uri=f"sqlite:///{root}/mlflow.db",
+            registry_uri=None,
+            artifact_location=str(root / "artifacts"),
+            experiment="test",
+        )
+    )
+    result = sft(cfg, trained["pre"], trained["data"], trained["tokenizer"], root / "sft", tracking)
+    report = evaluate_sft(
+        cfg, root / "sft", trained["pre"], trained["data"], trained["tokenizer"], root / "eval", tracking
+    )
+    return {**trained, "cfg": cfg, "result": result, "report": report, "root": root, "tracking": tracking}
+
+
+@pytest.fixture(scope="session")
+def chat_package(chat_trained):
+    """The tiny chat model exported to an ONNX package (parity-checked)."""
+    from gptcore.export.chat import export_chat_onnx
+
+    return export_chat_onnx(
+        ExportConfig(),
+        chat_trained["cfg"],
+        chat_trained["root"] / "sft",
+        chat_trained["data"],
+        chat_trained["root"] / "chat",
+    )
 
 
 @pytest.fixture(scope="session")

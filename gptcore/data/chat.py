@@ -1,17 +1,12 @@
-"""Chat data for supervised fine-tuning: conversations, the chat template, packing.
+"""Chat data for supervised fine-tuning: conversations from a file or the plays, and packing.
 
-A conversation is a list of (role, content) turns, role `user` or `assistant`. The template
-wraps each turn in special tokens that SFT adds to the tokenizer:
-
-    <|user|>To be, or not to be<|end|><|assistant|>HAMLET: that is the question<|end|>
-
-Loss falls on the assistant's tokens and the `<|end|>` that closes them (so the model learns
-to stop), never on the user's. Turn contents are encoded with special-token matching off:
-text that spells `<|end|>` stays text and cannot forge a turn boundary.
+The chat template (the special tokens around each turn, loss on the assistant's tokens only)
+is `gptcore.runtime.template`'s: serving formats a conversation with the same code.
 
 Sources: a JSONL file of `{"prompt": ..., "response": ...}` or `{"messages": [{"role": ...,
-"content": ...}, ...]}` records, or the built-in example from the ingested plays: each speech
-as the prompt, the next character's reply, with the speaker's name, as the response.
+"content": ...}, ...]}` records (roles system, user, assistant), or the built-in example from
+the ingested plays: runs of consecutive speeches in a scene, each with its speaker's name, the
+turns alternating user and assistant, so the model learns to answer with the scene so far in view.
 """
 
 from __future__ import annotations
@@ -29,46 +24,11 @@ from gptcore.config import SFTConfig
 from gptcore.errors import InputError
 from gptcore.metrics import IGNORE_INDEX
 from gptcore.results import read_split
+from gptcore.runtime.template import ROLES, Conversation, Rendered
 
-USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
-CHAT_TOKENS = [USER, ASSISTANT, END]
-ROLES = {"user": USER, "assistant": ASSISTANT}
-
-Conversation = list[tuple[str, str]]  # (role, content) turns
-
-
-def add_chat_tokens(tok) -> dict[str, int]:
-    """Add the template's special tokens to `tok` (a no-op when present); their ids by role.
-
-    From then on `tok` encodes text that spells a special token as plain text: the template's
-    tokens enter only by id, where `render` puts them. (The flag is not saved with the tokenizer.)
-    """
-    tok.add_special_tokens(CHAT_TOKENS)
-    tok.encode_special_tokens = True
-    return {t: tok.token_to_id(t) for t in CHAT_TOKENS}
-
-
-@dataclass
-class Rendered:
-    ids: list[int]
-    loss: list[bool]  # loss[i]: ids[i] is a target the model is trained to predict
-
-
-def render(conversation: Conversation, tok, chat_ids: dict[str, int]) -> Rendered:
-    """Token ids of a conversation in the chat template, and which of them carry loss."""
-    contents = tok.encode_batch([content for _, content in conversation], add_special_tokens=False)
-    ids, loss = [], []
-    for (role, _), enc in zip(conversation, contents):
-        trained = role == "assistant"
-        ids += [chat_ids[ROLES[role]], *enc.ids, chat_ids[END]]
-        loss += [False, *[trained] * len(enc.ids), trained]
-    return Rendered(ids, loss)
-
-
-def prompt_ids(conversation: Conversation, tok, chat_ids: dict[str, int]) -> list[int]:
-    """The conversation up to its last assistant turn, then `<|assistant|>`: what generation starts from."""
-    head = conversation[:-1] if conversation[-1][0] == "assistant" else conversation
-    return [*render(head, tok, chat_ids).ids, chat_ids[ASSISTANT]]
+# Speeches per built-in conversation, and the step between the first speeches of two of them:
+# every other speech starts one, so each speech is answered with one and with three before it.
+PLAY_TURNS, PLAY_STRIDE = 4, 2
 
 
 # --- sources -----------------------------------------------------------------------------------
@@ -86,9 +46,11 @@ def parse_record(record: object, where: str) -> Conversation:
         for i, turn in enumerate(turns):
             if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
                 raise InputError(
-                    f"{where}: messages[{i}] must be {{'role': 'user'|'assistant', 'content': str}}, "
+                    f"{where}: messages[{i}] must be {{'role': 'system'|'user'|'assistant', 'content': str}}, "
                     f"got {json.dumps(turn)[:120]}"
                 )
+            if turn["role"] == "system" and i != 0:
+                raise InputError(f"{where}: messages[{i}]: a system turn may only come first")
             conversation.append((turn["role"], turn["content"]))
     elif isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
         conversation = [("user", record["prompt"]), ("assistant", record["response"])]
@@ -163,14 +125,21 @@ def speeches(scene: str) -> Iterator[tuple[str, str]]:
 
 
 def play_dialogues(data_dir: str | Path, split: str) -> list[Conversation]:
-    """Speech -> reply pairs from the ingested plays: the reply, by another character, names its speaker."""
+    """Conversations from the ingested plays: PLAY_TURNS consecutive speeches of a scene, named by
+    their speakers, alternating user and assistant; a new one starts every PLAY_STRIDE speeches."""
     conversations = []
     for scene in read_split(data_dir, split, ["text"]).column("text").to_pylist():
-        previous = None
+        said: list[list[str]] = []  # [speaker, speech]: a character speaking twice in a row speaks once
         for speaker, speech in speeches(scene):
-            if previous is not None and previous[0] != speaker:
-                conversations.append([("user", f"{previous[0]}: {previous[1]}"), ("assistant", f"{speaker}: {speech}")])
-            previous = (speaker, speech)
+            if said and said[-1][0] == speaker:
+                said[-1][1] += "\n" + speech
+            else:
+                said.append([speaker, speech])
+        said = [f"{speaker}: {speech}" for speaker, speech in said]
+        for start in range(0, len(said) - 1, PLAY_STRIDE):
+            run = said[start : start + PLAY_TURNS]
+            run = run[: len(run) // 2 * 2]  # end on an assistant turn
+            conversations.append([("user" if i % 2 == 0 else "assistant", text) for i, text in enumerate(run)])
     if not conversations:
         raise InputError(
             f"{Path(data_dir) / (split + '.parquet')}: no dialogue found (speeches under **SPEAKER** "

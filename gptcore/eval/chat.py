@@ -1,16 +1,22 @@
-"""Evaluation of the chat model beside its base: held-out response loss and bits per byte, samples.
+"""Evaluation of the chat model beside its base: held-out response loss and bits per byte, history, samples.
 
 Each held-out conversation is scored on its own row (no packed neighbours), by the base model
 (the pretrained GPT with the chat tokens, SFT's starting point) and by the fine-tuned one.
 Response bpb counts the assistant turns' text (its closing `<|end|>` stands for no bytes and is
 left out, so both models are measured on the same bytes); response loss is the mean NLL of every
 token SFT trains on, `<|end|>` included. The bpb gain comes with a 95% paired bootstrap
-interval over conversations. Samples: the first few held-out prompts, each with a fixed seed,
-answered by both models, side by side in markdown.
+interval over conversations. The fine-tuned model's per-conversation figures are kept (with a
+digest of the conversations) for the registry's gate, which pairs two chat versions on them.
+
+History: the last answer of every held-out conversation with more than one exchange, scored
+after the whole conversation and after its last user turn alone, with a paired interval of the
+difference: what the context buys. Samples: the first few held-out prompts, each with a fixed
+seed, answered by both models, side by side in markdown.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,22 +25,21 @@ import numpy as np
 import torch
 
 from gptcore.config import SFTConfig
-from gptcore.data.chat import (
-    END,
-    Conversation,
-    add_chat_tokens,
-    conversations,
-    fit_row,
-    inputs_and_targets,
-    prompt_ids,
-    render,
-    spread,
-)
+from gptcore.data.chat import conversations, fit_row, inputs_and_targets, spread
 from gptcore.fsutil import atomic_file, write_json
-from gptcore.layout import PAD, SFT_EVAL, SFT_SAMPLES
-from gptcore.metrics import bits_per_byte, paired_bpb_bootstrap
+from gptcore.layout import PAD, SFT_DOC_BPB, SFT_EVAL, SFT_SAMPLES
+from gptcore.metrics import bits_per_byte, document_distribution, documents_digest, paired_bpb_bootstrap
 from gptcore.model import GPT, sequence_nll
-from gptcore.results import SFTEvalResult, load_pretrained, load_sft, load_tokenizer, token_byte_lengths
+from gptcore.results import (
+    DocScores,
+    SFTEvalResult,
+    load_pretrained,
+    load_sft,
+    load_tokenizer,
+    token_byte_lengths,
+    write_doc_scores,
+)
+from gptcore.runtime.template import END, Conversation, Rendered, add_chat_tokens, prompt_ids, render
 from gptcore.tracking import Tracking, stage_run
 from gptcore.weights import load_lm, pick_device
 
@@ -77,6 +82,39 @@ def score_responses(
         np.bincount(owner[text], weights=byte_lengths[targets[text]], minlength=n),
         float(nats.mean()),
     )
+
+
+def last_answer_only(conversation: Conversation, tok, chat_ids: dict[str, int]) -> Rendered:
+    """The conversation rendered with loss on its last answer alone."""
+    r = render(conversation, tok, chat_ids)
+    last = len(render(conversation[-1:], tok, chat_ids).ids)
+    return Rendered(r.ids, [False] * (len(r.ids) - last) + r.loss[-last:])
+
+
+def history_figures(
+    model: GPT, held_out: list[Conversation], tok, chat_ids: dict[str, int], byte_lengths, pad_id: int, resamples: int
+) -> dict | None:
+    """Bits per byte of the last answers of multi-exchange conversations, with and without their history."""
+    multi = [c for c in held_out if sum(role == "user" for role, _ in c) > 1]
+    if len(multi) < 2:
+        return None
+    width = model.cfg.block_size + 1
+    scored = {}
+    for name, renderings in (
+        ("full_history", [last_answer_only(c, tok, chat_ids) for c in multi]),
+        ("last_turn_only", [last_answer_only(c[-2:], tok, chat_ids) for c in multi]),
+    ):
+        ids, loss, owner = conversation_rows(renderings, width, pad_id)
+        scored[name] = score_responses(model, ids, loss, owner, byte_lengths, chat_ids[END])
+    full, last = scored["full_history"], scored["last_turn_only"]
+    paired = paired_bpb_bootstrap(last.nats, full.nats, full.n_bytes, resamples=resamples)
+    return {
+        "conversations": len(multi),
+        "full_history_bpb": full.bpb,
+        "last_turn_only_bpb": last.bpb,
+        "gain": paired["reduction"]["delta"],
+        "gain_ci": paired["reduction"]["ci"],
+    }
 
 
 def answer(model: GPT, tok, prompt: list[int], cfg: SFTConfig, seed: int, end_id: int) -> str:
@@ -139,6 +177,17 @@ def evaluate_sft(
     figures = {name: {"response_loss": s.loss, "response_bpb": s.bpb} for name, s in scores.items()}
     gain = figures["base"]["response_bpb"] - figures["tuned"]["response_bpb"]
     ci = paired_bpb_bootstrap(scores["base"].nats, scores["tuned"].nats, scores["tuned"].n_bytes)["reduction"]["ci"]
+    out_dir = Path(out_dir)
+    doc_ids = [str(i) for i in range(len(held_out))]
+    tuned_docs = DocScores(
+        np.asarray(doc_ids), scores["tuned"].nats, loss[:, 1:].sum(axis=1), scores["tuned"].n_bytes.astype(np.int64)
+    )
+    write_doc_scores(out_dir / SFT_DOC_BPB, tuned_docs)
+    test = figures["tuned"] | {
+        "documents": document_distribution(tuned_docs)
+        | {"file": SFT_DOC_BPB, "examples_digest": documents_digest(doc_ids, [json.dumps(c) for c in held_out])}
+    }
+    history = history_figures(tuned, held_out, tok, chat_ids, byte_lengths, tok.token_to_id(PAD), 1000)
     pairs = []
     for i, conversation in enumerate(spread(held_out, cfg.samples)):
         prompt = prompt_ids(conversation, tok, chat_ids)
@@ -149,9 +198,16 @@ def evaluate_sft(
                 answer(tuned, tok, prompt, cfg, cfg.seed + i, end_id),
             )
         )
-    out_dir = Path(out_dir)
     result = SFTEvalResult(
-        str(out_dir / SFT_EVAL), str(out_dir / SFT_SAMPLES), len(held_out), figures["base"], figures["tuned"], gain, ci
+        str(out_dir / SFT_EVAL),
+        str(out_dir / SFT_SAMPLES),
+        len(held_out),
+        figures["base"],
+        figures["tuned"],
+        gain,
+        ci,
+        test,
+        history,
     )
     write_json(result.metrics_path, asdict(result))
     with atomic_file(result.samples_path) as tmp:
@@ -168,6 +224,16 @@ def evaluate_sft(
         figures["tuned"]["response_loss"],
         figures["base"]["response_loss"],
     )
+    if history is not None:
+        log.info(
+            "evaluate: last answers of %d multi-turn conversations: %.4f bits/byte with the history vs %.4f "
+            "after the last user turn alone (gain %.4f, 95%% CI %.4f to %.4f)",
+            history["conversations"],
+            history["full_history_bpb"],
+            history["last_turn_only_bpb"],
+            history["gain"],
+            *history["gain_ci"],
+        )
     with stage_run(tracking, "evaluate_sft", tags={"gptcore.data_digest": meta["data_digest"]}) as run:
         run.log_metrics(
             {f"{name}_test_{k}": v for name, f in figures.items() for k, v in f.items()}
@@ -176,6 +242,7 @@ def evaluate_sft(
                 "test_response_bpb_gain_ci_low": ci[0],
                 "test_response_bpb_gain_ci_high": ci[1],
             }
+            | ({f"history_{k}": v for k, v in history.items() if k != "gain_ci"} if history else {})
         )
         run.log_artifact(result.metrics_path)
         run.log_artifact(result.samples_path)

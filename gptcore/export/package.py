@@ -4,9 +4,12 @@ A model package is a directory that `gptcore.runtime` serves without torch:
     model.onnx            the graph and weights, fused for ONNX Runtime (`gptcore.export.variants`)
     model.fp16.onnx       the fp16 variant, model.int8.onnx the int8 variant (where they pass parity)
     tokenizer.json        the tokenizer the model was trained with
-    gptcore_model.json    kind, shapes, special token ids, labels, digests, each variant's parity figures,
-                          the fused-op counts, and (classifier) the checkpoint it came from, which the
-                          registry attaches to the version
+    tokenizer_config.json, special_tokens_map.json
+                          the Hugging Face tokenizer files (a chat model's with its chat template),
+                          for apps that format with `transformers`
+    gptcore_model.json    kind, shapes, special token ids, labels, (chat) the template's tokens, digests,
+                          each variant's parity figures, the fused-op counts, and (classifier) the
+                          checkpoint it came from, which the registry attaches to the version
 
 The package is written only when the fp32 graph's parity holds (each kind's exporter says what
 that means, `gptcore.export.lm` and `gptcore.export.classifier`); otherwise the stage raises
@@ -19,18 +22,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import warnings
 from pathlib import Path
 
 import torch
 
 from gptcore.config import ExportConfig
+from gptcore.export.hf import write_hf_tokenizer_files
 from gptcore.export.variants import VARIANT_FILES, build_variant, fused_op_counts, optimize_graph
 from gptcore.fsutil import atomic_dir, write_json
-from gptcore.layout import EOT, PACKAGE_META, PAD, TOKENIZER_FILE
+from gptcore.layout import EOT, PACKAGE_META, PAD
 from gptcore.model import GPT
 from gptcore.results import ExportResult, load_export
+from gptcore.runtime.template import HF_CHAT_TEMPLATE, ROLES
 from gptcore.tracking import Tracking, stage_run
 
 log = logging.getLogger("gptcore.export")
@@ -98,7 +102,12 @@ def package_meta(kind: str, gpt: GPT, tok, model_meta: dict, parity: dict) -> di
         "tokens_digest": model_meta.get("tokens_digest"),
         "parity": parity,
         "checkpoint": model_meta.get("checkpoint"),
-    }
+    } | ({"chat": chat_meta(model_meta)} if kind == "chat" else {})
+
+
+def chat_meta(model_meta: dict) -> dict:
+    """How a conversation is formatted: each role's token, every template token's id, the same as Jinja."""
+    return {"tokens": model_meta["sft"]["chat_tokens"], "roles": ROLES, "hf_chat_template": HF_CHAT_TEMPLATE}
 
 
 def add_variants(cfg: ExportConfig, tmp: Path, meta: dict, parity_of) -> dict:
@@ -159,7 +168,7 @@ def write_package(
     """
     with atomic_dir(out_dir) as tmp:
         graph = write_graph(export_graph, tmp, cfg)
-        shutil.copyfile(tokenizer_json, tmp / TOKENIZER_FILE)
+        write_hf_tokenizer_files(tokenizer_json, tmp, gpt.cfg.block_size, chat=kind == "chat")
         write_json(tmp / PACKAGE_META, package_meta(kind, gpt, tok, model_meta, {}))
         meta = package_meta(kind, gpt, tok, model_meta, parity_of("fp32", tmp)) | graph
         meta["variants"] = add_variants(cfg, tmp, meta, parity_of)

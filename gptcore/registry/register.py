@@ -55,9 +55,15 @@ CHECKPOINT_FILES = ("model.safetensors", "model.json")  # never state.pt: reader
 PROMOTION_METRIC = {
     "lm": ("test_bpb", "min", ("test", "bpb")),
     "classifier": ("test_macro_f1", "max", ("test", "macro_f1")),
+    "chat": ("test_response_bpb", "min", ("test", "response_bpb")),
 }
 # kind -> (the key of its per-example evidence in the evaluation's test section, the gate that pairs it)
-EVIDENCE = {"lm": ("documents", lm_gate), "classifier": ("predictions", classifier_gate)}
+# A chat model's documents are its held-out conversations: the LM's gate pairs their response bits per byte.
+EVIDENCE = {
+    "lm": ("documents", lm_gate),
+    "chat": ("documents", lm_gate),
+    "classifier": ("predictions", classifier_gate),
+}
 PYFUNC_CODE = Path(__file__).parents[1] / "runtime" / "pyfunc_model.py"
 # What the pyfunc imports, pinned as installed here: gptcore.runtime's needs, never torch. gptcore
 # itself is not among them (it is no index package, and its full requirements bring torch): an
@@ -74,6 +80,7 @@ class RegisterResult:
     champion_version: str
     promoted: bool
     reason: str
+    previous_champion_version: str | None = None  # the champion when this version was registered
 
     @property
     def champion_uri(self) -> str:
@@ -250,4 +257,13 @@ def register(
         champion_version,
         reason,
     )
-    return RegisterResult(name, str(version), metric, value, str(champion_version), promoted, reason)
+    return RegisterResult(
+        name,
+        str(version),
+        metric,
+        value,
+        str(champion_version),
+        promoted,
+        reason,
+        None if champion is None else str(champion.version),
+    )

@@ -129,15 +129,18 @@ class KVBuffers:
 
 
 class OnnxLM:
+    KIND, WHAT = "lm", "language model"
+
     def __init__(self, package: ModelPackage, options: SessionOptions | None = None, variant: str = "auto"):
-        if package.kind != "lm":
-            raise InputError(f"{package.path}: holds a {package.kind}, not a language model")
+        if package.kind != self.KIND:
+            raise InputError(f"{package.path}: holds a {package.kind}, not a {self.WHAT}")
         m = package.meta
         options = options or SessionOptions()
         self.package, self.tokenizer = package, package.tokenizer
         self.block_size, self.n_layer = m["block_size"], m["n_layer"]
         self.n_head, self.head_dim, self.vocab_size = m["n_head"], m["head_dim"], m["vocab_size"]
         self.eos_id, self.pad_id = m["eos_token_id"], m["pad_token_id"]
+        self.stop_ids = {self.eos_id}  # the ids that end a generation (a chat model's <|end|> too)
         self.variant = package.choose_variant(variant, wants_cuda(options.device))
         self.session = make_session(package.variant_path(self.variant), options)
         self.cache_in = [f"past_{kind}_{i}" for i in range(self.n_layer) for kind in ("key", "value")]
@@ -239,7 +242,7 @@ class OnnxLM:
         seed: int | None = None,
         stop_at_eos: bool = True,
     ) -> list[int]:
-        """New token ids after `prompt_ids` (the end-of-text id ends them early unless stop_at_eos=False)."""
+        """New token ids after `prompt_ids` (a stop id ends them early unless stop_at_eos=False)."""
         return list(self.iter_ids(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos))
 
     def iter_ids(
@@ -256,7 +259,7 @@ class OnnxLM:
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         self.check_ids(prompt_ids)
         for next_ids in self.decode([prompt_ids], max_new_tokens, temperature, top_k, top_p, seed):
-            if stop_at_eos and next_ids[0] == self.eos_id:
+            if stop_at_eos and next_ids[0] in self.stop_ids:
                 return
             yield int(next_ids[0])
 
@@ -278,7 +281,7 @@ class OnnxLM:
         out, done = [[] for _ in prompts], np.zeros(len(prompts), dtype=bool)
         for next_ids in self.decode(prompts, max_new_tokens, temperature, top_k, top_p, seed):
             for i in np.flatnonzero(~done):
-                if stop_at_eos and next_ids[i] == self.eos_id:
+                if stop_at_eos and next_ids[i] in self.stop_ids:
                     done[i] = True
                 else:
                     out[i].append(int(next_ids[i]))

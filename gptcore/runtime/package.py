@@ -14,9 +14,10 @@ from typing import Any
 
 from gptcore.errors import InputError
 from gptcore.fsutil import read_json
+from gptcore.runtime.template import CHAT_TOKENS
 
 FORMAT_VERSIONS = (1, 2)  # 2: the LM graph takes logit_positions, and variants are listed
-KINDS = ("lm", "classifier")
+KINDS = ("lm", "classifier", "chat")
 FILES = ("model.onnx", "tokenizer.json", "gptcore_model.json")
 INT_FIELDS = ("block_size", "n_layer", "n_head", "head_dim", "vocab_size", "eos_token_id", "pad_token_id")
 
@@ -24,7 +25,7 @@ INT_FIELDS = ("block_size", "n_layer", "n_head", "head_dim", "vocab_size", "eos_
 @dataclass
 class ModelPackage:
     path: Path
-    kind: str  # "lm" or "classifier"
+    kind: str  # "lm", "classifier" or "chat"
     meta: dict[str, Any]  # gptcore_model.json
     tokenizer: Any  # tokenizers.Tokenizer
 
@@ -66,6 +67,8 @@ def check_meta(meta: Any, where: Path) -> None:
             raise InputError(f"{where}: field 'labels' must be a non-empty list of strings, got {labels!r}")
         if len(set(labels)) != len(labels):
             raise InputError(f"{where}: field 'labels' repeats a label: {labels}")
+    if meta["kind"] == "chat":
+        check_chat(meta, where)
     variants = meta.get("variants", {})
     if not isinstance(variants, dict) or not all(
         isinstance(v, dict) and isinstance(v.get("file"), str) and "/" not in v["file"] for v in variants.values()
@@ -73,6 +76,21 @@ def check_meta(meta: Any, where: Path) -> None:
         raise InputError(f"{where}: field 'variants' must map each variant to {{'file': NAME, ...}}, got {variants!r}")
     if variants and "fp32" not in variants:
         raise InputError(f"{where}: field 'variants' lacks fp32 (the graph every package has), got {list(variants)}")
+
+
+def check_chat(meta: dict, where: Path) -> None:
+    """A chat package names the id of each of the template's tokens, inside the vocabulary, each its own."""
+    tokens = meta.get("chat", {}).get("tokens") if isinstance(meta.get("chat"), dict) else None
+    ids = [tokens.get(t) for t in CHAT_TOKENS] if isinstance(tokens, dict) else []
+    if not (
+        len(ids) == len(CHAT_TOKENS)
+        and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < meta["vocab_size"] for i in ids)
+        and len(set(ids)) == len(ids)
+    ):
+        raise InputError(
+            f"{where}: field 'chat.tokens' must map each of {', '.join(CHAT_TOKENS)} to its own token id "
+            f"below vocab_size {meta['vocab_size']}, got {tokens!r}"
+        )
 
 
 def load_package(path: str | Path) -> ModelPackage:

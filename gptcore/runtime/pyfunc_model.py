@@ -1,7 +1,8 @@
 """The MLflow *models from code* file of gptcore's pyfunc: MLflow runs this file to build the model.
 
 The registry passes its path as `python_model`, so the logged model holds this code instead of a
-pickle. The model itself is `gptcore.runtime.pyfunc.GptcorePyfunc`.
+pickle. The model itself is `gptcore.runtime.pyfunc.GptcorePyfunc`, one class for the LM, the chat
+model and the classifier: this file runs before the package, and so its kind, is known.
 """
 
 from mlflow.models import set_model

@@ -1,6 +1,6 @@
 """Chat supervised fine-tuning (SFT) of the pretrained GPT, and its evaluation against the base model.
 
-The chat template's tokens (`gptcore.data.chat`) join the tokenizer and the model's vocabulary;
+The chat template's tokens (`gptcore.runtime.template`) join the tokenizer and the model's vocabulary;
 their embeddings start at the mean of the pretrained ones, a neutral point. Conversations are
 packed into rows of block_size + 1 tokens and trained with loss on the assistant's tokens
 only, through the training loop pretraining and classification share. Model selection and
@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 
 from gptcore.config import SFTConfig
-from gptcore.data.chat import add_chat_tokens, conversations, inputs_and_targets, pack, render, spread
+from gptcore.data.chat import conversations, inputs_and_targets, pack, spread
 from gptcore.fsutil import atomic_file, write_json
 from gptcore.layout import PAD, RESULT_FILE, TOKENIZER_FILE
 from gptcore.model import GPT, sequence_nll
 from gptcore.peft import apply_peft, trainable_fraction
 from gptcore.results import SFTResult, load_pretrained, load_tokenizer
+from gptcore.runtime.template import add_chat_tokens, render
 from gptcore.tracking import Tracking, stage_run
 from gptcore.train.batches import RowBatches
 from gptcore.train.distributed import setup

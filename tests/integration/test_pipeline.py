@@ -23,7 +23,7 @@ def test_tiny_pipeline_end_to_end(prefect_server, tmp_path, monkeypatch):
 
     assert summary["tracking_uri"] == f"sqlite:///{workdir.resolve()}/mlflow.db"
     client = MlflowClient(tracking_uri=summary["tracking_uri"])
-    for name in ("gptcore-lm", "gptcore-classifier"):
+    for name in ("gptcore-lm", "gptcore-classifier", "gptcore-chat"):  # three champions
         champion = client.get_model_version_by_alias(name, CHAMPION)
         assert str(champion.version) == summary["models"][name]["version"] == "1"
         assert len(champion.tags["gptcore.data_digest"]) == 64
@@ -31,6 +31,7 @@ def test_tiny_pipeline_end_to_end(prefect_server, tmp_path, monkeypatch):
     assert h["lm_parity_max_abs_logit_diff"] < 1e-3
     assert h["lm_parity_greedy_tokens_equal"] == 32
     assert h["classifier_parity_max_abs_logit_diff"] < 1e-3
+    assert h["chat_parity_max_abs_logit_diff"] < 1e-3
     assert h["lm_test_bpb"] < h["lm_unigram_test_bpb"]
     assert h["classifier_test_macro_f1"] > h["majority_test_macro_f1"]
     assert h["chat_test_response_bpb"] < h["chat_base_test_response_bpb"]
@@ -60,8 +61,10 @@ def test_tiny_pipeline_end_to_end(prefect_server, tmp_path, monkeypatch):
         "evaluate_sft",
         "export_lm",
         "export_classifier",
+        "export_chat",
         "register_lm",
         "register_classifier",
+        "register_chat",
         "score",
     }
     assert Path(workdir / "eval" / "samples.txt").read_text().count("--- prompt") == 3
@@ -73,6 +76,9 @@ def test_tiny_pipeline_end_to_end(prefect_server, tmp_path, monkeypatch):
     artifacts = prefect_artifacts(state.state_details.flow_run_id)
     assert "first version" in artifacts["gptcore-promotion"] and "gptcore-classifier" in artifacts["gptcore-promotion"]
     assert artifacts["gptcore-chat-samples"].count("## Prompt") == 4
+    versions = artifacts["gptcore-chat-versions"]  # the new chat version answering held-out conversations
+    assert versions.count("## Conversation") == 3 and "v1 (new)" in versions
+    assert "### Conversation 1" in artifacts["gptcore-pipeline-summary"]
 
 
 def prefect_artifacts(flow_run_id) -> dict[str, str]:

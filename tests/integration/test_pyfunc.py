@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,6 +25,11 @@ from tests.unit.registry.test_register import eval_file
 
 PROMPTS = ["wave salt ship", "hill field"]
 TEXTS = ["wave salt ship sail tide anchor", "hill field plough barn wheat", ""]
+CONVERSATION = [
+    {"role": "user", "content": "wave salt ship"},
+    {"role": "assistant", "content": "sea: wave wave"},
+    {"role": "user", "content": "again?"},
+]
 SERVE_TIMEOUT_S = 120
 
 
@@ -42,7 +48,19 @@ def versions(lm_package, classifier_package, tmp_path_factory):
     register(classifier_package.package_dir, eval_file(root / "clf.json", "test", "macro_f1", 0.9), "clf", tracking)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        yield {"uri": uri, "lm": Path(lm_package.package_dir), "clf": Path(classifier_package.package_dir)}
+        yield {
+            "uri": uri,
+            "tracking": tracking,
+            "lm": Path(lm_package.package_dir),
+            "clf": Path(classifier_package.package_dir),
+        }
+
+
+@pytest.fixture(scope="module")
+def chat_version(versions, chat_package, chat_trained):
+    """The tiny chat model registered (champion of `chat`) beside them, by its evaluation; its package."""
+    register(chat_package.package_dir, chat_trained["report"].metrics_path, "chat", versions["tracking"])
+    return Path(chat_package.package_dir)
 
 
 def test_lm_pyfunc_generates_what_the_runtime_generates(versions):
@@ -79,6 +97,68 @@ def test_classifier_pyfunc_matches_predict_proba(versions):
     assert out["label"].tolist() == [runtime.labels[k] for k in probs.argmax(axis=1)]
     np.testing.assert_allclose(out["confidence"].to_numpy(), probs.max(axis=1), atol=1e-6)
     assert out["label"][0] == "sea" and out["label"][1] == "land"
+
+
+def expected_completion(bot, messages: list[dict], max_tokens: int, **sampling) -> dict:
+    """What the chat pyfunc answers: `OnnxChat.chat`'s answer, with its token counts and why it ended."""
+    prompt_ids, dropped = bot.prompt(messages, max_tokens)
+    decoded = len(bot.generate_ids(prompt_ids, max_tokens, **sampling))
+    return {
+        "dropped_messages": dropped,
+        "message": {"role": "assistant", "content": bot.chat(messages, max_tokens, **sampling)},
+        "finish_reason": "length" if decoded == max_tokens else "stop",
+        "usage": {
+            "prompt_tokens": len(prompt_ids),
+            "completion_tokens": decoded,
+            "total_tokens": len(prompt_ids) + decoded,
+        },
+    }
+
+
+def check_completion(completion: dict, expected: dict) -> None:
+    """`completion` is an OpenAI-style chat completion with `expected`'s answer."""
+    assert completion["object"] == "chat.completion" and completion["id"].startswith("chatcmpl-")
+    assert isinstance(completion["created"], int) and completion["model"] == "gptcore-chat"
+    (choice,) = completion["choices"]
+    assert choice["index"] == 0 and choice["message"] == expected["message"]
+    assert choice["finish_reason"] == expected["finish_reason"]
+    assert completion["usage"] == expected["usage"]
+    assert completion["custom_outputs"] == {"dropped_messages": expected["dropped_messages"], "variant": "fp32"}
+
+
+def test_chat_pyfunc_answers_in_mlflow_chat_schema_as_onnx_chat(versions, chat_version):
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+    from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA, CHAT_MODEL_OUTPUT_SCHEMA
+
+    model = mlflow.pyfunc.load_model("models:/chat@champion")
+    signature = model.metadata.signature
+    assert signature.inputs == CHAT_MODEL_INPUT_SCHEMA and signature.outputs == CHAT_MODEL_OUTPUT_SCHEMA
+    bot = load_model(chat_version, device="cpu")
+    greedy = model.predict({"messages": CONVERSATION, "max_tokens": 8, "temperature": 0.0})
+    check_completion(greedy, expected_completion(bot, CONVERSATION, 8, temperature=0.0))
+    sampled = model.predict({"messages": CONVERSATION[:1], "max_tokens": 5, "top_k": 20}, params={"seed": 3})
+    check_completion(sampled, expected_completion(bot, CONVERSATION[:1], 5, top_k=20, seed=3))
+    stopped = model.predict({"messages": CONVERSATION, "max_tokens": 8, "temperature": 0.0, "stop": [":"]})
+    answer = greedy["choices"][0]["message"]["content"]
+    assert stopped["choices"][0]["message"]["content"] == answer.split(":")[0]
+    assert ":" not in answer or stopped["choices"][0]["finish_reason"] == "stop"
+    # the context of 32 tokens leaves 24 to the conversation: its oldest turn went, and the answer says so
+    assert greedy["custom_outputs"]["dropped_messages"] == 1 and sampled["custom_outputs"]["dropped_messages"] == 0
+
+    for request, message in [
+        (
+            {"messages": [{"role": "robot", "content": "hi"}]},
+            "messages[0].role: must be one of system, user, assistant",
+        ),
+        ({"messages": CONVERSATION[:2]}, "messages[1].role: the last message must be the user's"),
+        ({"messages": CONVERSATION, "top_p": 1.5}, "top_p: must be in (0, 1]"),
+        ({"messages": CONVERSATION, "max_tokens": 32}, "max_tokens: the answer must leave the context of 32 tokens"),
+        ({"messages": CONVERSATION, "n": 2}, "n: this model supports only 1, got 2"),
+        ({"messages": CONVERSATION, "stream": True}, "stream: this model supports only False, got True"),
+    ]:
+        with pytest.raises(MlflowException, match=re.escape(message)):
+            model.predict(request)
 
 
 def test_registered_version_is_a_pickle_free_pyfunc_holding_the_package(versions):
@@ -232,3 +312,38 @@ def test_mlflow_models_serve_generates_and_classifies(versions, tmp_path):
     finally:
         for proc, _, _ in servers.values():
             stop(proc)
+
+
+def test_mlflow_models_serve_answers_a_chat_request(versions, chat_version, tmp_path):
+    import httpx
+
+    log = tmp_path / "chat.log"
+    proc, url = serve("models:/chat@champion", versions["uri"], log)
+    try:
+        wait_ready(proc, url, log, time.monotonic() + SERVE_TIMEOUT_S)
+        bot = load_model(chat_version, device="cpu")
+
+        def ask(request: dict) -> httpx.Response:
+            return httpx.post(f"{url}/invocations", timeout=60, json=request)
+
+        # the request is the JSON body itself, as OpenAI's; the answer is the completion itself
+        answer = ask({"messages": CONVERSATION, "max_tokens": 8, "temperature": 0})
+        assert answer.status_code == 200, answer.text
+        check_completion(answer.json(), expected_completion(bot, CONVERSATION, 8, temperature=0))
+        answer = ask({"messages": CONVERSATION[:1], "max_tokens": 5, "seed": 3})  # the seed: a param of the signature
+        assert answer.status_code == 200, answer.text
+        check_completion(answer.json(), expected_completion(bot, CONVERSATION[:1], 5, seed=3))
+
+        for request, message in [
+            ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role: must be one of system, user"),
+            ({"messages": [{"role": "user", "content": 5}]}, "key `content`. Expected type string, received type int"),
+            ({"messages": CONVERSATION, "temperature": -1.0}, "temperature: must be a finite number >= 0"),
+            # MLflow's own check: a float field other than 0 and 1 must be written as a float
+            ({"messages": CONVERSATION, "temperature": 2}, "Can not safely convert int64 to float64"),
+            ({"messages": CONVERSATION, "n": 2}, "n: this model supports only 1, got 2"),
+            ({"dataframe_records": [{"max_tokens": 8}]}, "missing inputs ['messages']"),
+        ]:
+            refused = ask(request)
+            assert refused.status_code == 400 and message in refused.json()["message"], (request, refused.text)
+    finally:
+        stop(proc)

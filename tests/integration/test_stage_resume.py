@@ -109,8 +109,8 @@ def test_network_stages_retry_hiccups_but_not_bad_input(prefect_server):
 # Shorter training than the tiny preset: this test is about which stages run, not how well they learn.
 QUICK = """
 pretrain: {max_steps: 60, eval_interval: 30, log_interval: 20, checkpoint_interval: 60}
-finetune: {max_steps: 60, eval_interval: 30, log_interval: 20, checkpoint_interval: 60%s}
-sft: {max_steps: 30, eval_interval: 15, log_interval: 15, checkpoint_interval: 30, eval_conversations: 40}
+finetune: {max_steps: 60, eval_interval: 30, log_interval: 20, checkpoint_interval: 60}
+sft: {max_steps: 30, eval_interval: 15, log_interval: 15, checkpoint_interval: 30, eval_conversations: 40%s}
 """
 
 
@@ -133,36 +133,38 @@ def test_a_failed_pipeline_resumes_at_the_stage_that_failed(prefect_server, tmp_
             states.setdefault(name, []).append(status)
         return state, states, prefect_logs(flow_run_id)
 
-    # A config mistake only fine-tuning reads: the ingested splits have no column 'genres'.
-    config.write_text(QUICK % ", label_field: genres", encoding="utf-8")
+    # A config mistake only chat SFT reads: a chat file that is not there.
+    config.write_text(QUICK % ", data: no-such-chats.jsonl", encoding="utf-8")
     failed, states, logs = run()
     assert failed.is_failed()
     assert states == {
         "ingest": ["Completed"],
         "tokenizer": ["Completed"],
         "pretrain": ["Completed"],
-        "finetune": ["Failed"],
+        "finetune": ["Completed"],
+        "sft": ["Failed"],
     }
-    summary = [m for m in logs if m.startswith("pipeline failed at stage finetune: InputError: ")]
-    assert len(summary) == 1 and "no column(s) ['genres']" in summary[0]
+    summary = [m for m in logs if m.startswith("pipeline failed at stage sft: InputError: ")]
+    assert len(summary) == 1 and "no-such-chats.jsonl: chat data not found" in summary[0]
     assert f"preset=tiny config={config} workdir={workdir}" in summary[0]
     assert f"Prefect flow run {failed.state_details.flow_run_id}" in summary[0] and "MLflow run " in summary[0]
 
     config.write_text(QUICK % "", encoding="utf-8")  # the mistake fixed; pretraining's config is unchanged
     resumed, states, logs = run()
     assert resumed.is_completed()
-    reused = {"ingest", "tokenizer", "pretrain"}
+    reused = {"ingest", "tokenizer", "pretrain", "finetune"}
     assert {name for name, s in states.items() if s == ["Cached"]} == reused
     assert {name for name, s in states.items() if set(s) == {"Completed"}} == {
-        "finetune",
         "sft",
         "evaluate-lm",
         "evaluate-classifier",
         "evaluate-sft",
         "export-lm",
         "export-classifier",
+        "export-chat",
         "register",
         "score",
+        "chat-versions",
     }
     assert {m.split(":")[0] for m in logs if ": skipped: inputs, config and code unchanged" in m} == reused
     assert "60 steps" in resumed.result()["text"]  # the summary reads the reused results too
@@ -170,10 +172,10 @@ def test_a_failed_pipeline_resumes_at_the_stage_that_failed(prefect_server, tmp_
     # Nothing changed: every stage is reused but scoring, registering included (no second version).
     again, states, _ = run()
     assert again.is_completed()
-    assert {name for name, s in states.items() if set(s) != {"Cached"}} == {"score"}
+    assert {name for name, s in states.items() if set(s) != {"Cached"}} == {"score", "chat-versions"}
     assert again.result()["headline"] == resumed.result()["headline"]  # results read back from JSON as they were
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
-    for name in ("gptcore-lm", "gptcore-classifier"):
+    for name in ("gptcore-lm", "gptcore-classifier", "gptcore-chat"):
         assert [str(v.version) for v in client.search_model_versions(f"name='{name}'")] == ["1"]
 
 

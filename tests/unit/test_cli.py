@@ -18,6 +18,7 @@ VERBS = [
     "pretrain",
     "finetune",
     "sft",
+    "chat",
     "evaluate",
     "export",
     "register",

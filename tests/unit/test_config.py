@@ -124,11 +124,21 @@ def test_syntax_error_names_the_file(tmp_path, name, text):
         ("pretrain:\n  max_steps: 10.5\n", "pretrain.max_steps"),
         ("pretrain:\n  compile: 'yes'\n", "pretrain.compile"),
         ("ingest:\n  sources: data.txt\n", "ingest.sources"),
+        ("sft:\n  enabled: 'no'\n", "sft.enabled"),
+        ("finetune:\n  enabled: 0\n", "finetune.enabled"),
     ],
 )
 def test_wrong_value_type_names_the_field(tmp_path, text, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.") + ": expected"):
         _load_yaml(tmp_path, text)
+
+
+def test_each_optional_branch_is_on_by_default_and_turns_off_from_a_file(tmp_path):
+    defaults = PipelineConfig()
+    assert defaults.finetune.enabled and defaults.sft.enabled and defaults.score.enabled
+    cfg = _load_yaml(tmp_path, "finetune: {enabled: false}\nsft: {enabled: false}\nscore: {enabled: false}\n", "tiny")
+    assert not (cfg.finetune.enabled or cfg.sft.enabled or cfg.score.enabled)
+    assert cfg.finetune.max_steps == load_config(preset="tiny").finetune.max_steps  # the rest is the preset's
 
 
 def test_int_is_accepted_for_a_float_field(tmp_path):

@@ -79,12 +79,13 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         from fastapi import HTTPException
-        from fastapi.responses import JSONResponse
+
+        from gptcore.runtime.serve.requests import refusal
 
         message = f"request body: at most {self.max_bytes} bytes"
         declared = dict(scope["headers"]).get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > self.max_bytes:
-            return await JSONResponse({"error": message}, status_code=413)(scope, receive, send)
+            return await refusal(scope["path"], 413, message)(scope, receive, send)
         seen = 0
 
         async def bounded_receive():

@@ -1,7 +1,9 @@
-"""`gptcore serve`: an HTTP API over a language model and/or a classifier (FastAPI + uvicorn, no torch).
+"""`gptcore serve`: an HTTP API over a language model, a chat model and/or a classifier (FastAPI +
+uvicorn, no torch).
 
     POST /v1/generate  {prompt, max_new_tokens, temperature, top_k, top_p, seed, stream}
     POST /v1/classify  {texts: [...]}
+    POST /v1/chat/completions  POST /v1/completions  GET /v1/models   OpenAI-compatible (openai_api.py)
     GET  /healthz (alive)  /readyz (models loaded, which versions)  /metrics (Prometheus text)
 
 /v1/* and /metrics need `Authorization: Bearer $GPTCORE_SERVE_TOKEN`; without a token the server
@@ -34,12 +36,21 @@ from gptcore.runtime.lm import text_pieces
 from gptcore.runtime.serve.admission import Admission, BodyLimit, Overloaded
 from gptcore.runtime.serve.metrics import Instrument, ServerMetrics
 from gptcore.runtime.serve.models import ServedModels, follows_alias
-from gptcore.runtime.serve.requests import BearerAuth, ServeConfig, field_error, invalid, request_models
+from gptcore.runtime.serve.openai_api import add_openai_api
+from gptcore.runtime.serve.requests import (
+    OPENAI_PATHS,
+    BearerAuth,
+    ServeConfig,
+    field_error,
+    invalid,
+    refusal,
+    request_models,
+)
 
 log = logging.getLogger("gptcore.serve")
 
 TOKEN_ENV = "GPTCORE_SERVE_TOKEN"
-ENDPOINTS = {"/v1/generate", "/v1/classify", "/healthz", "/readyz", "/metrics"}
+ENDPOINTS = {"/v1/generate", "/v1/classify", *OPENAI_PATHS, "/healthz", "/readyz", "/metrics"}
 
 
 def load_function(config: ServeConfig) -> Callable[[str], Any]:
@@ -105,23 +116,21 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        return refusal(request.url.path, exc.status_code, exc.detail, exc.headers)
 
     @app.exception_handler(Overloaded)
     async def overloaded(request, exc: Overloaded) -> JSONResponse:
-        return JSONResponse(
-            {
-                "error": f"busy: {admission.running} requests running (at most "
-                f"{limits.max_concurrency}) and {admission.waiting} waiting (at most "
-                f"{limits.max_queue}); retry later"
-            },
-            status_code=429,
-            headers={"Retry-After": "1"},
+        return refusal(
+            request.url.path,
+            429,
+            f"busy: {admission.running} requests running (at most {limits.max_concurrency}) and "
+            f"{admission.waiting} waiting (at most {limits.max_queue}); retry later",
+            {"Retry-After": "1"},
         )
 
     @app.exception_handler(Exception)
     async def failed(request, exc: Exception) -> JSONResponse:  # uvicorn logs the traceback
-        return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
+        return refusal(request.url.path, 500, f"internal error: {type(exc).__name__}")
 
     def served(kind: str):
         if not state["ready"]:
@@ -139,6 +148,8 @@ def create_app(
                 f"(serving: {', '.join(m['kind'] for m in models.describe())})",
             )
         return model
+
+    add_openai_api(app, models, admission, metrics, limits, state)
 
     @app.get("/healthz")
     async def healthz() -> dict:

@@ -1,4 +1,5 @@
-"""The models a server answers with (at most one language model and one classifier), and their hot reload.
+"""The models a server answers with (at most one of each kind: a language model, a chat model, a
+classifier), the names requests call them by, and their hot reload.
 
 A model given as `models:/NAME@ALIAS` follows its alias: `refresh` asks the registry which version
 the alias names and, when that changed, loads the new version beside the old one and swaps the
@@ -9,8 +10,10 @@ version they began with; a failed reload keeps the version being served.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from gptcore.errors import InputError
@@ -21,14 +24,26 @@ log = logging.getLogger("gptcore.serve")
 
 @dataclass(frozen=True)
 class Served:
-    model: Any  # OnnxLM or OnnxClassifier
-    kind: str  # "lm" or "classifier"
+    model: Any  # OnnxLM, OnnxChat or OnnxClassifier
+    kind: str  # "lm", "chat" or "classifier"
     uri: str  # as given on the command line
     version: str | None  # the registered version; None for a package directory or a run's artifacts
+    loaded_at: int = field(default_factory=lambda: int(time.time()))  # Unix time this version was loaded
+
+    @property
+    def name(self) -> str:
+        """What OpenAI-style requests call it: the registered model's name (`gptcore-chat` of
+        `models:/gptcore-chat@champion`), a package directory's name, or else the URI itself."""
+        if self.uri.startswith("models:/"):
+            return self.uri[len("models:/") :].partition("@")[0].partition("/")[0]
+        if self.uri.startswith("runs:/"):
+            return self.uri
+        return Path(self.uri).resolve().name or self.uri
 
     def describe(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
+            "name": self.name,
             "uri": self.uri,
             "version": self.version,
             "provider": self.model.provider,
@@ -65,6 +80,16 @@ class ServedModels:
     def get(self, kind: str) -> Served | None:
         return self.by_kind.get(kind)
 
+    def find(self, name: str) -> Served | None:
+        """The served model `name` calls: by its name, else by its kind ("lm", "chat", "classifier"),
+        else by its URI as given: the first match in that order (so a kind names its model unless
+        another model is called by that word)."""
+        for attribute in ("name", "kind", "uri"):
+            for served in self.by_kind.values():
+                if getattr(served, attribute) == name:
+                    return served
+        return None
+
     def describe(self) -> list[dict[str, Any]]:
         return [served.describe() for served in self.by_kind.values()]
 
@@ -88,13 +113,14 @@ class ServedModels:
         return str(model_version(self.client(), uri).version)
 
     def load_all(self) -> None:
-        """Load every model; two of one kind are an error (a request could not say which it means)."""
+        """Load every model; two of one kind are an error (a request to /v1/generate or /v1/classify
+        could not say which it means)."""
         for uri in self.uris:
             served = self.load_uri(uri, self.alias_version(uri) if follows_alias(uri) else None)
             if served.kind in self.by_kind:
                 raise InputError(
                     f"{uri}: a second {served.kind} (after {self.by_kind[served.kind].uri}); "
-                    "serve at most one language model and one classifier"
+                    "serve at most one model of each kind (a language model, a chat model, a classifier)"
                 )
             self.by_kind[served.kind] = served
             log.info("serve: %s loaded (%s, version %s, %s)", uri, served.kind, served.version, served.model.provider)

@@ -1,5 +1,6 @@
 """What a request to `gptcore serve` may be: the server's limits, the request bodies they bound,
-validation errors as {field, message}, and the bearer-token check that runs before a body is read.
+validation errors as {field, message}, error answers in the shape each path speaks (OpenAI's on the
+OpenAI-compatible paths), and the bearer-token check that runs before a body is read.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the request models' annotations at runtime.
@@ -19,6 +20,12 @@ from gptcore.runtime.lm import MAX_BATCH, MAX_NEW_TOKENS
 CHARS_PER_TOKEN = 16
 # JSON can spell one character in up to 12 bytes (an escaped surrogate pair), plus the envelope.
 BODY_BYTES_PER_CHAR, BODY_OVERHEAD = 12, 64 * 1024
+MAX_N = 64
+MODEL_KINDS = ("lm", "chat", "classifier")  # a server serves at most one model of each
+
+# The paths that answer as OpenAI's API does (`gptcore.runtime.serve.openai_api`), errors included.
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
+OPENAI_CODES = {401: "invalid_api_key", 413: "request_too_large", 429: "rate_limit_exceeded"}
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,7 @@ class ServeLimits:
     max_prompt_tokens: int = 1024
     max_new_tokens: int = 256
     max_batch: int = 32
+    max_n: int = 8  # choices per OpenAI-style request, decoded one after another under one slot
 
     def __post_init__(self):
         bounds = {
@@ -36,6 +44,7 @@ class ServeLimits:
             "max_prompt_tokens": (1, 16_384),
             "max_new_tokens": (1, MAX_NEW_TOKENS),
             "max_batch": (1, MAX_BATCH),
+            "max_n": (1, MAX_N),
         }
         for name, (low, high) in bounds.items():
             value = getattr(self, name)
@@ -63,9 +72,10 @@ class ServeConfig:
     registry_uri: str | None = None
 
     def __post_init__(self):
-        if not 1 <= len(self.models) <= 2:
+        if not 1 <= len(self.models) <= len(MODEL_KINDS):
             raise ConfigError(
-                f"--model: give one or two (a language model and/or a classifier), got {len(self.models)}"
+                f"--model: give one to {len(MODEL_KINDS)} (at most one language model, one chat model and "
+                f"one classifier), got {len(self.models)}"
             )
         if self.reload_interval < 0:
             raise ConfigError(f"--reload-interval: must be >= 0 seconds, got {self.reload_interval}")
@@ -111,6 +121,26 @@ def field_name(loc: tuple) -> str:
     return name or "body"
 
 
+def speaks_openai(path: str) -> bool:
+    return path in OPENAI_PATHS or path.startswith("/v1/models/")
+
+
+def openai_error(
+    status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None
+) -> JSONResponse:
+    """An error in OpenAI's shape, {"error": {message, type, param, code}}, which OpenAI's clients read."""
+    kind = "server_error" if status >= 500 else "rate_limit_error" if status == 429 else "invalid_request_error"
+    error = {"message": message, "type": kind, "param": param, "code": code or OPENAI_CODES.get(status)}
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+
+def refusal(path: str, status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    """An error answer in the shape `path` speaks: OpenAI's on the OpenAI paths, {"error": message} elsewhere."""
+    if speaks_openai(path):
+        return openai_error(status, message, headers=headers)
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
 def invalid(fields: list[dict[str, str]]) -> JSONResponse:
     detail = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
     return JSONResponse({"error": f"invalid request: {detail}", "fields": fields}, status_code=422)
@@ -130,10 +160,11 @@ class BearerAuth:
         ):
             scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
-                answer = JSONResponse(
-                    {"error": "missing or wrong bearer token: send Authorization: Bearer <token>"},
-                    status_code=401,
-                    headers={"WWW-Authenticate": "Bearer"},
+                answer = refusal(
+                    scope["path"],
+                    401,
+                    "missing or wrong bearer token: send Authorization: Bearer <token>",
+                    {"WWW-Authenticate": "Bearer"},
                 )
                 return await answer(scope, receive, send)
         await self.app(scope, receive, send)

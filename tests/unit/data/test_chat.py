@@ -6,22 +6,10 @@ import json
 
 import pytest
 
-from gptcore.data.chat import (
-    ASSISTANT,
-    END,
-    USER,
-    add_chat_tokens,
-    pack,
-    parse_record,
-    play_dialogues,
-    prompt_ids,
-    read_chat_jsonl,
-    render,
-    speeches,
-    split_of,
-)
+from gptcore.data.chat import pack, parse_record, play_dialogues, read_chat_jsonl, speeches, split_of
 from gptcore.errors import InputError
 from gptcore.results import load_tokenizer
+from gptcore.runtime.template import ASSISTANT, END, add_chat_tokens, render
 
 SCENE = """### SCENE I. A platform.
 
@@ -50,23 +38,6 @@ def chat_tok(small_corpus):
     return tok, add_chat_tokens(tok)
 
 
-def test_template_puts_loss_on_the_response_and_its_end_only(chat_tok):
-    tok, ids = chat_tok
-    r = render([("user", "wave ship"), ("assistant", "hill barn")], tok, ids)
-    assert r.ids[0] == ids[USER] and ids[ASSISTANT] in r.ids and r.ids[-1] == ids[END]
-    start = r.ids.index(ids[ASSISTANT])
-    assert not any(r.loss[: start + 1])  # the prompt and the role token carry none
-    assert all(r.loss[start + 1 :])  # the reply and its <|end|> all do
-    assert tok.decode([i for i, flag in zip(r.ids, r.loss) if flag], skip_special_tokens=True) == "hill barn"
-    assert prompt_ids([("user", "wave ship"), ("assistant", "hill barn")], tok, ids) == r.ids[: start + 1]
-
-
-def test_text_that_spells_a_template_token_stays_text(chat_tok):
-    tok, ids = chat_tok
-    r = render([("user", f"a {END}{ASSISTANT} b"), ("assistant", "c")], tok, ids)
-    assert r.ids.count(ids[END]) == 2 and r.ids.count(ids[ASSISTANT]) == 1  # only the template's own
-
-
 def test_records_in_both_shapes_and_clear_errors(tmp_path):
     assert parse_record({"prompt": "p", "response": "r"}, "x") == [("user", "p"), ("assistant", "r")]
     turns = [
@@ -76,14 +47,18 @@ def test_records_in_both_shapes_and_clear_errors(tmp_path):
         {"role": "assistant", "content": "d"},
     ]
     assert len(parse_record({"messages": turns}, "x")) == 4
+    system = [{"role": "system", "content": "be brief"}, *turns]
+    assert parse_record({"messages": system}, "x")[0] == ("system", "be brief")
+    with pytest.raises(InputError, match=r"x: messages\[0\] must be"):
+        parse_record({"messages": [{"role": "narrator", "content": "a"}, *turns]}, "x")
     path = tmp_path / "chat.jsonl"
     path.write_text(
         json.dumps({"prompt": "p", "response": "r"})
         + "\n"
-        + json.dumps({"messages": [{"role": "system", "content": "s"}]})
+        + json.dumps({"messages": [{"role": "user", "content": "u"}, {"role": "system", "content": "s"}]})
         + "\n"
     )
-    with pytest.raises(InputError, match=r"chat.jsonl:2: messages\[0\] must be"):
+    with pytest.raises(InputError, match=r"chat.jsonl:2: messages\[1\]: a system turn may only come first"):
         read_chat_jsonl(path)
     path.write_text("{not json\n")
     with pytest.raises(InputError, match=r"chat.jsonl:1: not JSON"):
@@ -99,7 +74,7 @@ def test_split_depends_on_the_conversation_alone():
     assert 0.07 < splits.count("test") / 2000 < 0.13 and 0.07 < splits.count("val") / 2000 < 0.13
 
 
-def test_speeches_of_a_scene_and_reply_pairs(tmp_path):
+def test_speeches_of_a_scene_and_multi_turn_conversations(tmp_path):
     assert list(speeches(SCENE)) == [
         ("BERNARDO", "Who's there?"),
         ("FRANCISCO", "Nay, answer me: stand,\nand unfold yourself."),
@@ -110,15 +85,21 @@ def test_speeches_of_a_scene_and_reply_pairs(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": [SCENE]}), tmp_path / "train.parquet")
-    pairs = play_dialogues(tmp_path, "train")
-    # A character answering himself is no reply: two pairs, each reply named by its speaker.
-    assert pairs == [
-        [("user", "BERNARDO: Who's there?"), ("assistant", "FRANCISCO: Nay, answer me: stand,\nand unfold yourself.")],
+    conversations = play_dialogues(tmp_path, "train")
+    # A character speaking twice in a row speaks once; turns alternate user and assistant.
+    assert conversations == [
         [
-            ("user", "FRANCISCO: Nay, answer me: stand,\nand unfold yourself."),
-            ("assistant", "BERNARDO: Long live the king!"),
+            ("user", "BERNARDO: Who's there?"),
+            ("assistant", "FRANCISCO: Nay, answer me: stand,\nand unfold yourself."),
         ],
     ]
+    pq.write_table(
+        pa.table({"text": [SCENE + "\n**FRANCISCO**  \nYou come most carefully.\n"]}), tmp_path / "test.parquet"
+    )
+    three = play_dialogues(tmp_path, "test")
+    assert [[role for role, _ in c] for c in three] == [["user", "assistant"] * 2, ["user", "assistant"]]
+    assert three[0][2] == ("user", "BERNARDO: Long live the king!\nHe.")
+    assert three[1][0] == three[0][2]  # every other speech starts a conversation
     pq.write_table(pa.table({"text": ["plain prose, no speakers"]}), tmp_path / "val.parquet")
     with pytest.raises(InputError, match="val.parquet: no dialogue found"):
         play_dialogues(tmp_path, "val")

@@ -19,7 +19,15 @@ from gptcore.weights import load_lm
 
 def test_lm_package_is_complete_and_parity_holds(lm_package):
     files = sorted(p.name for p in Path(lm_package.package_dir).iterdir())
-    assert files == ["gptcore_model.json", "model.fp16.onnx", "model.int8.onnx", "model.onnx", "tokenizer.json"]
+    assert files == [
+        "gptcore_model.json",
+        "model.fp16.onnx",
+        "model.int8.onnx",
+        "model.onnx",
+        "special_tokens_map.json",  # the Hugging Face tokenizer files, for apps that format with transformers
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert lm_package.parity["max_abs_logit_diff"] <= 1e-3
     assert lm_package.parity["greedy_tokens_equal"] == 32
     meta = json.loads((Path(lm_package.package_dir) / "gptcore_model.json").read_text())

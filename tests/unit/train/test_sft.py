@@ -3,68 +3,22 @@ response bpb against the base model, and the outputs are whole."""
 
 from __future__ import annotations
 
-import json
-import random
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from gptcore.config import ModelConfig, SFTConfig
-from gptcore.data.chat import END, add_chat_tokens
 from gptcore.errors import InputError
 from gptcore.eval.chat import evaluate_sft
 from gptcore.model import GPT
 from gptcore.results import load_sft, load_tokenizer
-from gptcore.tracking import Tracking, TrackingSettings
+from gptcore.runtime.template import END, add_chat_tokens
 from gptcore.train.sft import sft
 from gptcore.weights import load_lm
-from tests.conftest import WORDS
-
-
-def write_chat(path, n: int = 400, seed: int = 0):
-    """Prompts of topic words; the reply names the topic and repeats the prompt's first word: learnable."""
-    rng = random.Random(seed)
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(n):
-            topic = rng.choice(sorted(WORDS))
-            words = [rng.choice(WORDS[topic]) for _ in range(6)]
-            record = (
-                {"prompt": " ".join(words), "response": f"{topic}: {words[0]} {words[0]}"}
-                if i % 2
-                else {
-                    "messages": [
-                        {"role": "user", "content": " ".join(words)},
-                        {"role": "assistant", "content": f"{topic}: {words[0]} {words[0]}"},
-                    ]
-                }
-            )
-            f.write(json.dumps(record) + "\n")
-    return path
-
-
-def sft_cfg(data, **overrides) -> SFTConfig:
-    return SFTConfig(
-        **{
-            "data": data and str(data),
-            "max_steps": 120,
-            "batch_size": 16,
-            "lr": 3e-3,
-            "min_lr": 3e-4,
-            "warmup_steps": 5,
-            "eval_interval": 40,
-            "eval_batches": 2,
-            "log_interval": 40,
-            "checkpoint_interval": 120,
-            "device": "cpu",
-            "val_fraction": 0.1,
-            "test_fraction": 0.1,
-            "eval_conversations": 60,
-            "samples": 2,
-            "max_new_tokens": 8,
-            **overrides,
-        }
-    )
+from tests.conftest import sft_cfg
 
 
 def test_grow_vocab_keeps_old_logits_and_grows_past_the_padding():
@@ -78,23 +32,9 @@ def test_grow_vocab_keeps_old_logits_and_grows_past_the_padding():
     torch.testing.assert_close(gpt.wte.weight[65], gpt.wte.weight[:62].mean(dim=0))
 
 
-@pytest.fixture(scope="module")
-def chat_run(trained, tmp_path_factory):
-    root = tmp_path_factory.mktemp("sft")
-    cfg = sft_cfg(write_chat(root / "chat.jsonl"))
-    tracking = Tracking(
-        TrackingSettings(
-            tracking_uri=f"sqlite:///{root}/mlflow.db",
-            registry_uri=None,
-            artifact_location=str(root / "artifacts"),
-            experiment="test",
-        )
-    )
-    result = sft(cfg, trained["pre"], trained["data"], trained["tokenizer"], root / "sft", tracking)
-    report = evaluate_sft(
-        cfg, root / "sft", trained["pre"], trained["data"], trained["tokenizer"], root / "eval", tracking
-    )
-    return {"cfg": cfg, "result": result, "report": report, "root": root, "tracking": tracking}
+@pytest.fixture
+def chat_run(chat_trained):
+    return chat_trained
 
 
 def test_sft_lowers_held_out_response_bpb_against_the_base(chat_run):
@@ -109,7 +49,7 @@ def test_sft_outputs_load_with_the_chat_tokens(chat_run, trained):
     tok = load_tokenizer(chat_run["root"] / "sft")
     model, meta = load_lm(result.best_dir)
     base_vocab = load_tokenizer(trained["tokenizer"]).get_vocab_size()
-    assert model.cfg.vocab_size == tok.get_vocab_size() == base_vocab + 3
+    assert model.cfg.vocab_size == tok.get_vocab_size() == base_vocab + 4
     assert meta["sft"]["chat_tokens"][END] == tok.token_to_id(END)
     samples = Path(chat_run["report"].samples_path).read_text(encoding="utf-8")
     assert samples.count("## Prompt") == 2 and "| base | fine-tuned |" in samples
@@ -126,14 +66,15 @@ def test_sft_outputs_load_with_the_chat_tokens(chat_run, trained):
     assert {"sft_eval.json", "sft_samples.md"} <= artifacts
 
 
-def test_sft_resumes_from_its_checkpoint(chat_run, trained):
+def test_sft_resumes_from_its_checkpoint(chat_run, trained, tmp_path):
     cfg = chat_run["cfg"]
+    shutil.copytree(chat_run["root"] / "sft", tmp_path / "sft")  # the session's chat model stays as it was
     again = sft(
         SFTConfig(**{**cfg.__dict__, "max_steps": 160}),
         trained["pre"],
         trained["data"],
         trained["tokenizer"],
-        chat_run["root"] / "sft",
+        tmp_path / "sft",
         resume=True,
     )
     assert again.steps == 160
@@ -156,3 +97,16 @@ def test_parameter_efficient_sft_trains_a_fraction_and_still_learns(method, chat
         cfg, tmp_path / "sft", trained["pre"], trained["data"], trained["tokenizer"], tmp_path / "eval"
     )
     assert report.tuned["response_bpb"] < report.base["response_bpb"]
+
+
+def test_the_history_is_measured_and_each_conversation_kept_for_the_gate(chat_run):
+    from gptcore.results import read_doc_scores, read_eval
+
+    report = chat_run["report"]
+    history = report.history  # "again?" is answered right only with the first exchange in view
+    assert history["conversations"] >= 2
+    assert history["full_history_bpb"] < history["last_turn_only_bpb"] and history["gain_ci"][0] > 0
+    kept = read_eval(report.metrics_path)["test"]["documents"]
+    scores = read_doc_scores(Path(report.metrics_path).parent / kept["file"])
+    assert len(scores.doc_ids) == report.conversations and len(kept["examples_digest"]) == 64
+    assert scores.nats.sum() / np.log(2) / scores.bytes.sum() == pytest.approx(report.tuned["response_bpb"])
