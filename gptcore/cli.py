@@ -171,24 +171,12 @@ def cmd_register(args, cfg: PipelineConfig) -> None:
 def cmd_generate(args, cfg: PipelineConfig) -> None:
     from gptcore.runtime import OnnxLM, load_model
 
-    model = load_model(
-        args.model,
-        device=args.device,
-        threads=args.threads,
-        variant=args.variant,
-        tracking_uri=load_settings(args.workdir, args.mlflow_config).tracking_uri,
-    )
+    tracking_uri = load_settings(args.workdir, args.mlflow_config).tracking_uri
+    model = load_model(args.model, args.device, args.threads, args.variant, tracking_uri=tracking_uri)
     if not isinstance(model, OnnxLM):
         raise GptcoreError(f"{args.model}: is a classifier; `generate` needs a language model")
-    text = model.generate(
-        args.prompt,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
-    print(args.prompt + text)
+    sampling = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")}
+    print(args.prompt + model.generate(args.prompt, **sampling))
 
 
 def cmd_chat(args, cfg: PipelineConfig) -> None:
@@ -255,6 +243,28 @@ def cmd_explain(args, cfg: PipelineConfig) -> None:
     print(format_table(explanation))
 
 
+MODEL_HELP = "models:/NAME@ALIAS, models:/NAME/VERSION or a package directory"
+
+
+def runtime_flags(p: argparse.ArgumentParser) -> None:
+    """Where and how a verb runs an ONNX package."""
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--variant",
+        default="auto",
+        choices=["auto", "fp32", "fp16", "int8"],
+        help="the package's precision variant (default: fp16 on CUDA where present, else fp32)",
+    )
+    p.add_argument("--threads", type=int, help="ONNX Runtime's CPU intra-op threads (default: all cores)")
+
+
+def sampling_flags(p: argparse.ArgumentParser, max_tokens_flag: str, max_tokens: int) -> None:
+    p.add_argument(max_tokens_flag, type=int, default=max_tokens, help="tokens per answer (default: %(default)s)")
+    for flag, kind, default in (("--temperature", float, 0.8), ("--top-k", int, 50), ("--top-p", float, None)):
+        p.add_argument(flag, type=kind, default=default, help="default: %(default)s")
+    p.add_argument("--seed", type=int, help="the sampling seed (default: none, a fresh draw each time)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gptcore", description="Build a GPT from raw text, track it, register it, serve it."
@@ -311,36 +321,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="also write the report (JSON) here")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p = verb("generate", cmd_generate, "generate text with an ONNX language model")
-    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a package directory")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument(
-        "--variant",
-        default="auto",
-        choices=["auto", "fp32", "fp16", "int8"],
-        help="precision variant of the package (auto: fp16 on CUDA, fp32 on CPU)",
-    )
-    p.add_argument("--threads", type=int, help="CPU threads (default: ONNX Runtime's)")
+    sampling_flags(p, "--max-new-tokens", 64)
+    runtime_flags(p)
     p = verb("chat", cmd_chat, "talk with an ONNX chat model in the terminal, answers streamed (/help: the commands)")
-    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/... or a package")
+    p.add_argument("--model", required=True, help=f"{MODEL_HELP} (or runs:/...)")
     p.add_argument("--system", help="the system turn to start with (/system TEXT changes it)")
-    p.add_argument("--max-tokens", type=int, default=128, help="per answer (default: %(default)s)")
-    for flag, kind, default in (("--temperature", float, 0.8), ("--top-k", int, 50), ("--top-p", float, None)):
-        p.add_argument(flag, type=kind, default=default, help="default: %(default)s")
-    p.add_argument("--seed", type=int, help="each answer's sampling seed (default: none, a fresh draw each time)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--variant", default="auto", choices=["auto", "fp32", "fp16", "int8"], help="default: %(default)s")
-    p.add_argument("--threads", type=int, help="CPU threads (default: ONNX Runtime's)")
+    sampling_flags(p, "--max-tokens", 128)
+    runtime_flags(p)
     p.add_argument("--tracking-uri", help="MLflow tracking URI of models:/ and runs:/ (default: --mlflow-config's)")
     p.add_argument("--registry-uri", help="MLflow registry URI (default: --mlflow-config's)")
     p.add_argument("--verbose", action="store_true", help="print each turn's prompt token ids on stderr")
     p = verb("score", cmd_score, "classify a file of texts with an ONNX classifier into Parquet")
-    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a package directory")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--input", required=True, help=".parquet, .jsonl or .csv with a text column")
     p.add_argument("--output", required=True, help="Parquet file to write")
     p.add_argument("--text-field", default="text")
@@ -366,31 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to bind; beyond loopback only with a token (default: %(default)s)"
     )
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per model (default: all cores)")
-    p.add_argument(
-        "--variant",
-        default="auto",
-        choices=["auto", "fp32", "fp16", "int8"],
-        help="the package's precision variant (default: fp16 on CUDA where present, else fp32)",
-    )
-    p.add_argument("--max-concurrency", type=int, default=4, help="model calls running at once (default: %(default)s)")
-    p.add_argument(
-        "--max-queue",
-        type=int,
-        default=32,
-        help="requests waiting for a model call; beyond: 429 (default: %(default)s)",
-    )
-    p.add_argument("--max-prompt-tokens", type=int, default=1024, help="default: %(default)s")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="default: %(default)s")
-    p.add_argument("--max-batch", type=int, default=32, help="texts per /v1/classify request (default: %(default)s)")
-    p.add_argument(
-        "--max-n",
-        type=int,
-        default=8,
-        help="choices per /v1/chat/completions or /v1/completions request, decoded one after another "
-        "(default: %(default)s)",
-    )
+    runtime_flags(p)
+    for flag, default, what in (
+        ("--max-concurrency", 4, "model calls running at once"),
+        ("--max-queue", 32, "requests waiting for a model call; beyond: 429"),
+        ("--max-prompt-tokens", 1024, "tokens of a prompt or a conversation as kept"),
+        ("--max-new-tokens", 256, "tokens a request may ask for"),
+        ("--max-batch", 32, "texts per /v1/classify request"),
+        ("--max-n", 8, "choices per /v1/chat/completions or /v1/completions request, decoded one after another"),
+    ):
+        p.add_argument(flag, type=int, default=default, help=f"{what} (default: %(default)s)")
     p.add_argument(
         "--reload-interval",
         type=float,
