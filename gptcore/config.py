@@ -289,7 +289,7 @@ class SFTConfig(TrainConfig, PeftConfig):
     when `data` is unset and the corpus has no dialogue in the plays' markup."""
     data: str | None = None
     """A chat JSONL file (`prompt`/`response` or `messages` records); unset: the built-in example
-    from the ingested plays (each speech as the prompt, the next character's reply as the response)."""
+    from the ingested plays (runs of four speeches of a scene as user and assistant turns)."""
     val_fraction: float = 0.05
     """Share of the chat file's conversations held out for validation (the plays use the ingest splits)."""
     test_fraction: float = 0.05
