@@ -96,6 +96,18 @@ def sft_cfg(data, **overrides) -> SFTConfig:
     )
 
 
+def sqlite_tracking(root: Path) -> Tracking:
+    """A real MLflow store in `root`: a SQLite file and local artifacts, experiment "test"."""
+    return Tracking(
+        TrackingSettings(
+            tracking_uri=f"sqlite:///{root}/mlflow.db",
+            registry_uri=None,
+            artifact_location=str(root / "artifacts"),
+            experiment="test",
+        )
+    )
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Every integration test is `slow`; a `gpu` test is skipped, saying why, where there is no CUDA GPU."""
     integration = Path(__file__).parent / "integration"
@@ -186,14 +198,7 @@ def tiny_train_cfg() -> TrainConfig:
 @pytest.fixture
 def mlflow_tracking(tmp_path) -> Tracking:
     """A real MLflow store (SQLite file + local artifacts) private to the test."""
-    return Tracking(
-        TrackingSettings(
-            tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
-            registry_uri=None,
-            artifact_location=str(tmp_path / "artifacts"),
-            experiment="test",
-        )
-    )
+    return sqlite_tracking(tmp_path)
 
 
 @pytest.fixture(scope="session")
@@ -253,14 +258,7 @@ def chat_trained(trained, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sft")
     cfg = sft_cfg(write_chat(root / "chat.jsonl"))
-    tracking = Tracking(
-        TrackingSettings(
-            tracking_uri=f"sqlite:///{root}/mlflow.db",
-            registry_uri=None,
-            artifact_location=str(root / "artifacts"),
-            experiment="test",
-        )
-    )
+    tracking = sqlite_tracking(root)
     result = sft(cfg, trained["pre"], trained["data"], trained["tokenizer"], root / "sft", tracking)
     report = evaluate_sft(
         cfg, root / "sft", trained["pre"], trained["data"], trained["tokenizer"], root / "eval", tracking

@@ -32,7 +32,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from gptcore.errors import ConfigError, GptcoreError
-from gptcore.runtime.lm import text_pieces
 from gptcore.runtime.serve.admission import Admission, BodyLimit, Overloaded
 from gptcore.runtime.serve.metrics import Instrument, ServerMetrics
 from gptcore.runtime.serve.models import ServedModels, follows_alias
@@ -46,6 +45,7 @@ from gptcore.runtime.serve.requests import (
     refusal,
     request_models,
 )
+from gptcore.runtime.stop import Decoded, decoded_text
 
 log = logging.getLogger("gptcore.serve")
 
@@ -205,25 +205,18 @@ def create_app(
         emit = partial(loop.call_soon_threadsafe, events.put_nowait)  # at most max_new_tokens pieces
 
         def produce() -> None:
-            count = 0
-
-            def counted():
-                nonlocal count
-                for token in lm.model.iter_ids(prompt_ids, *sampling):
-                    count += 1
-                    yield token
-
+            decoded = Decoded()
             try:
-                for piece in text_pieces(lm.model.tokenizer, counted()):
+                for piece in decoded_text(lm.model, prompt_ids, *sampling, [], decoded):
                     if gone.is_set():
                         break
                     emit(("piece", piece))
-                emit(("end", count))
+                emit(("end", decoded.tokens))
             except Exception as e:
                 log.exception("serve: streamed generation failed")
                 emit(("error", f"{type(e).__name__}: {e}"))
             finally:
-                metrics.tokens.inc(count)
+                metrics.tokens.inc(decoded.tokens)
 
         admission.start(produce)
 
