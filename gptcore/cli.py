@@ -206,16 +206,17 @@ def cmd_score(args, cfg: PipelineConfig) -> None:
 
 
 def cmd_serve(args, cfg: PipelineConfig) -> None:
+    from dataclasses import fields
+
     from gptcore.runtime.serve.app import TOKEN_ENV, serve
     from gptcore.runtime.serve.requests import ServeConfig, ServeLimits
 
     settings = load_settings(args.workdir, args.mlflow_config)
-    limits = ServeLimits(
-        args.max_concurrency, args.max_queue, args.max_prompt_tokens, args.max_new_tokens, args.max_batch, args.max_n
-    )
+    limits = ServeLimits(**{f.name: getattr(args, f.name) for f in fields(ServeLimits)})
     config = ServeConfig(
         args.model,
         limits,
+        args.batching,
         args.device,
         args.threads,
         args.variant,
@@ -361,13 +362,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, default=8000)
     runtime_flags(p)
+    p.add_argument(
+        "--batching",
+        choices=["continuous", "per-request"],
+        default="continuous",
+        help="continuous: an engine per LM and chat model decodes every request in one batch; per-request: "
+        "each request decodes alone on a model thread, as before the engine (default: %(default)s)",
+    )
     for flag, default, what in (
-        ("--max-concurrency", 4, "model calls running at once"),
-        ("--max-queue", 32, "requests waiting for a model call; beyond: 429"),
+        ("--max-concurrency", 4, "model calls running at once (per-request generation, classification)"),
+        ("--max-queue", 32, "requests waiting for a model call or an engine row; beyond: 429"),
         ("--max-prompt-tokens", 1024, "tokens of a prompt or a conversation as kept"),
         ("--max-new-tokens", 256, "tokens a request may ask for"),
         ("--max-batch", 32, "texts per /v1/classify request"),
         ("--max-n", 8, "choices per /v1/chat/completions or /v1/completions request, decoded one after another"),
+        ("--max-running", 32, "sequences an engine decodes in one batch"),
+        ("--kv-tokens", 32768, "cache slots (rows x width) an engine's running sequences may reserve"),
     ):
         p.add_argument(flag, type=int, default=default, help=f"{what} (default: %(default)s)")
     p.add_argument(

@@ -10,7 +10,10 @@ never targets: they only make the embedding and LM-head matmuls tile well on GPU
 
 The same forward serves training (no cache, no mask: the fast causal path of
 `scaled_dot_product_attention`), batched generation with left padding (attention mask +
-position ids + KV cache) and the ONNX export, which traces the cached path. Every loss and
+position ids + a cache that grows by concatenation) and the ONNX export, which traces the
+fixed cache: a (B, H, W, D) buffer per layer where each token's keys and values are written at
+its position (slot p holds position p), so a decode step writes T new slots instead of copying
+the cache, and each row attends to the slots up to its own position (ragged rows need no padding). Every loss and
 score goes through `token_nll`: the softmax over the tokenizer's V ids, never the padding rows.
 """
 
@@ -66,6 +69,7 @@ class CausalSelfAttention(nn.Module):
         past: tuple[torch.Tensor, torch.Tensor] | None,  # (B, H, P, D) each
         mask: torch.Tensor | None,  # (B, 1, T, S) bool, True = may attend; None = plain causal
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # cos, sin (B, 1, T, D/2) of the new tokens
+        slots: torch.Tensor | None = None,  # (B, T) where a fixed cache (B, H, W, D) takes the new tokens
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # (B, T, C) each
@@ -74,7 +78,11 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
         if rope is not None:  # the cache holds keys already rotated to their positions
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if past is not None:
+        if slots is not None:  # written in place: the buffer's other slots are not copied
+            index = slots[:, None, :, None].expand(B, self.n_head, T, C // self.n_head)  # (B, H, T, D)
+            k = past[0].scatter(2, index, k)  # (B, H, W, D)
+            v = past[1].scatter(2, index, v)  # (B, H, W, D)
+        elif past is not None:
             k = torch.cat([past[0], k], dim=2)  # (B, H, S, D)
             v = torch.cat([past[1], v], dim=2)  # (B, H, S, D)
         dropout_p = self.dropout if self.training else 0.0
@@ -118,8 +126,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, past, mask, rope=None):
-        a, present = self.attn(self.ln_1(x), past, mask, rope)
+    def forward(self, x, past, mask, rope=None, slots=None):
+        a, present = self.attn(self.ln_1(x), past, mask, rope, slots)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, present
@@ -221,14 +229,18 @@ class GPT(nn.Module):
         position_ids: torch.Tensor | None = None,  # (B, T); default 0..T-1 (after the cache)
         attention_mask: torch.Tensor | None = None,  # (B, S) 0/1; None = no padding
         past: KVCache | None = None,
+        fixed_cache: bool = False,  # past is a fixed (B, H, W, D) buffer, written at position_ids
     ) -> tuple[torch.Tensor, KVCache]:
         B, T = idx.shape
         P = 0 if past is None else past[0][0].shape[2]
         if position_ids is None:
             position_ids = torch.arange(P, P + T, device=idx.device).unsqueeze(0)  # (1, T)
         # A cache or padding needs an explicit mask; plain training takes the fused causal path.
-        mask = None
-        if attention_mask is not None or past is not None:
+        mask, slots = None, None
+        if fixed_cache:  # a query at position p sees slots 0..p of its row, itself included
+            slots = position_ids.expand(B, T)
+            mask = (torch.arange(P, device=idx.device) <= slots[..., None])[:, None]  # (B, 1, T, W)
+        elif attention_mask is not None or past is not None:
             if attention_mask is None:
                 attention_mask = torch.ones(B, P + T, dtype=torch.long, device=idx.device)
             mask = attention_mask_4d(attention_mask, T)  # (B, 1, T, S)
@@ -241,7 +253,7 @@ class GPT(nn.Module):
         x = self.drop(x)
         present: KVCache = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, None if past is None else past[i], mask, rope)
+            x, kv = block(x, None if past is None else past[i], mask, rope, slots)
             present.append(kv)
         return self.ln_f(x), present  # (B, T, C), per layer (B, H, S, D) x 2
 

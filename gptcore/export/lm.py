@@ -1,12 +1,19 @@
 """ONNX export of the language model with a KV cache, checked for parity with PyTorch.
 
-LM graph: input_ids, position_ids (B, T), attention_mask (B, P + T), logit_positions (B, K),
-past_key_<i>/past_value_<i> (B, H, P, D) -> logits (B, K, V) at the K positions asked for (all T
-for scoring, the last one for generation, which then never computes the vocabulary-wide head
-for the prompt), present_key_<i>/present_value_<i> (B, H, P + T, D). Exporters specialise
-dimensions traced at size 0 or 1, so the trace uses B = 2, T = 3, P = 4, K = 2; the parity check
-then runs ONNX Runtime on the empty-cache first step and on single-token decode steps. The fp32
-graph must match: max |logit difference| within export.parity_atol and identical greedy tokens.
+LM graph (format 3, a fixed cache written in place): input_ids, position_ids (B, T),
+logit_positions (B, K), past_key_<i>/past_value_<i> (B, H, W, D) -> logits (B, K, V) at the K
+positions asked for (all T for scoring, the last one for generation, which then never computes
+the vocabulary-wide head for the prompt), present_key_<i>/present_value_<i> (B, H, W, D): the
+same buffer with each new token's keys and values written at its position, so a runtime binds
+past and present to one buffer and a step writes T slots instead of copying the cache. A row
+attends to its slots 0..position: rows of different lengths share a call without padding.
+
+The growing cache of format 2 (past (B, H, P, D) + attention_mask (B, P + T) -> present
+(B, H, P + T, D), concatenated each step) is still exported with `fixed_cache=False`, for the
+benchmark that measures the change. Exporters specialise dimensions traced at size 0 or 1, so
+the trace uses B = 2, T = 3, P or W = 8, K = 2; the parity check then runs ONNX Runtime on
+whole windows and on greedy decoding. The fp32 graph must match: max |logit difference| within
+export.parity_atol and identical greedy tokens.
 """
 
 from __future__ import annotations
@@ -33,14 +40,15 @@ PARITY_WINDOWS = 8  # validation windows of block_size tokens that variants are 
 class LMGraph(torch.nn.Module):
     """The GPT with its cache as flat named tensors: what the ONNX LM graph computes."""
 
-    def __init__(self, gpt: GPT):
+    def __init__(self, gpt: GPT, fixed_cache: bool = True):
         super().__init__()
-        self.gpt = gpt
+        self.gpt, self.fixed_cache = gpt, fixed_cache
 
-    def forward(self, input_ids, position_ids, attention_mask, logit_positions, *past_flat):
+    def forward(self, input_ids, position_ids, *rest):
+        attention_mask, logit_positions, *past_flat = (None, *rest) if self.fixed_cache else rest
         past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(self.gpt.cfg.n_layer)]
         h, present = self.gpt.hidden_states(
-            input_ids, position_ids=position_ids, attention_mask=attention_mask, past=past
+            input_ids, position_ids=position_ids, attention_mask=attention_mask, past=past, fixed_cache=self.fixed_cache
         )
         h = h.gather(1, logit_positions.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # (B, K, C)
         logits = self.gpt.lm_head(h)[..., : self.gpt.cfg.vocab_size]  # the tokenizer's ids only, not the padding
@@ -51,31 +59,37 @@ def cache_names(n_layer: int, prefix: str) -> list[str]:
     return [f"{prefix}_{kind}_{i}" for i in range(n_layer) for kind in ("key", "value")]
 
 
-def export_lm_graph(gpt: GPT, path: Path, opset: int) -> None:
+def export_lm_graph(gpt: GPT, path: Path, opset: int, fixed_cache: bool = True) -> None:
     cfg = gpt.cfg
-    B, T, P, H, D = 2, 3, 4, cfg.n_head, cfg.n_embd // cfg.n_head
-    args = (
-        torch.randint(0, cfg.vocab_size, (B, T)),
-        torch.arange(P, P + T).repeat(B, 1),
-        torch.ones(B, P + T, dtype=torch.long),
-        torch.tensor([[1, 2], [0, 2]]),
-        *[torch.zeros(B, H, P, D) for _ in range(2 * cfg.n_layer)],
+    B, T, P, H, D = 2, 3, 8, cfg.n_head, cfg.n_embd // cfg.n_head
+    batch, seq, cached, total, kept = (
+        torch.export.Dim(n) for n in ("batch", "sequence", "cache_sequence", "total_sequence", "logit_positions")
     )
-    batch, seq, past, total, kept = (
-        torch.export.Dim(n) for n in ("batch", "sequence", "past_sequence", "total_sequence", "logit_positions")
-    )
-    dynamic = {
-        "input_ids": {0: batch, 1: seq},
-        "position_ids": {0: batch, 1: seq},
-        "attention_mask": {0: batch, 1: total},
-        "logit_positions": {0: batch, 1: kept},
-        "past_flat": tuple({0: batch, 2: past} for _ in range(2 * cfg.n_layer)),
-    }
+    ids = torch.randint(0, cfg.vocab_size, (B, T))
+    logit_positions = torch.tensor([[1, 2], [0, 2]])
+    past = [torch.zeros(B, H, P, D) for _ in range(2 * cfg.n_layer)]
+    caches = tuple({0: batch, 2: cached} for _ in range(2 * cfg.n_layer))
+    if fixed_cache:  # two rows at different positions in one buffer of P slots
+        args = (ids, torch.tensor([[4, 5, 6], [1, 2, 3]]), logit_positions, *past)
+        names = ["input_ids", "position_ids", "logit_positions"]
+        rest = ({0: batch, 1: kept}, *caches)
+    else:
+        args = (
+            ids,
+            torch.arange(P, P + T).repeat(B, 1),
+            torch.ones(B, P + T, dtype=torch.long),
+            logit_positions,
+            *past,
+        )
+        names = ["input_ids", "position_ids", "attention_mask", "logit_positions"]
+        rest = ({0: batch, 1: total}, {0: batch, 1: kept}, *caches)
+    # forward's arguments in order; torch.export names the varargs after them `rest`
+    dynamic = {"input_ids": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}, "rest": rest}
     torch_to_onnx(
-        LMGraph(gpt).eval(),
+        LMGraph(gpt, fixed_cache).eval(),
         args,
         path,
-        ["input_ids", "position_ids", "attention_mask", "logit_positions", *cache_names(cfg.n_layer, "past")],
+        [*names, *cache_names(cfg.n_layer, "past")],
         ["logits", *cache_names(cfg.n_layer, "present")],
         dynamic,
         opset,

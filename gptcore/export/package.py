@@ -39,7 +39,7 @@ from gptcore.tracking import Tracking, stage_run
 
 log = logging.getLogger("gptcore.export")
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the LM graph's cache is a fixed buffer written in place (gptcore.export.lm)
 
 
 def torch_to_onnx(

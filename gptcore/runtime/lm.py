@@ -2,15 +2,15 @@
 
 Greedy decoding follows `gptcore.model.GPT.generate` token for token (the export parity check
 relies on it): the prompt is cut to its last block_size tokens, the cache grows one token per
-step, and when it would pass block_size it is dropped and the latest window re-run from
-position 0. A batch is left-padded, each row counting positions from its first real token, and
-slides the same way (each row keeps its own last block_size tokens).
+step, and when it would pass block_size the latest window is written again from position 0.
 
-Decoding runs through IOBinding: the cache lives in two buffers per layer, allocated once on the
-session's device at the size the request needs, and each step reads the past from one and
-writes the present into the other, so on CUDA the cache never leaves the GPU and no step
-allocates it anew. Only the last position's logits come back to the host (the graph computes
-logits only where `logit_positions` asks).
+A package of format 3 decodes through `gptcore.runtime.batching`: every row writes its new keys
+and values into its slots of one preallocated buffer on the session's device, in place, rows of
+different lengths side by side without padding (the serving engine runs the same core). Older
+packages (a growing cache, concatenated each step) decode as they always did: a batch
+left-padded, each row counting positions from its first real token, the cache ping-ponged
+between two buffers bound through IOBinding. Either way only the last position's logits come
+back to the host (the graph computes logits only where `logit_positions` asks).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from numbers import Integral, Real
 import numpy as np
 
 from gptcore.errors import InputError
+from gptcore.runtime.batching import DecodeBatch, Sequence, sample
+from gptcore.runtime.kv import GrowingCache
 from gptcore.runtime.package import ModelPackage
 from gptcore.runtime.session import CUDA, SessionOptions, make_session, wants_cuda
 
@@ -49,31 +51,6 @@ def check_batch(prompts) -> None:
         )
 
 
-def sample(
-    logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None, rng: np.random.Generator
-) -> np.ndarray:
-    """(B, V) logits -> (B,) next ids. Temperature 0 is greedy: the first maximum on ties, like torch."""
-    if temperature == 0:
-        return logits.argmax(axis=-1)
-    z = logits.astype(np.float64) / temperature
-    if top_k is not None and top_k < z.shape[-1]:
-        kth = np.sort(z, axis=-1)[:, -top_k, None]  # (B, 1); ties with the k-th stay in, as in torch
-        z = np.where(z < kth, -np.inf, z)
-    probs = np.exp(z - z.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
-    if top_p is not None and top_p < 1:
-        order = np.argsort(-probs, axis=-1, kind="stable")
-        sorted_p = np.take_along_axis(probs, order, axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass before it
-        # already does. The most likely token is therefore always kept.
-        drop_sorted = np.cumsum(sorted_p, axis=-1) - sorted_p >= top_p
-        drop = np.zeros_like(drop_sorted)
-        np.put_along_axis(drop, order, drop_sorted, axis=-1)
-        probs = np.where(drop, 0.0, probs)
-        probs /= probs.sum(axis=-1, keepdims=True)
-    return np.array([rng.choice(len(p), p=p) for p in probs])
-
-
 def text_pieces(tokenizer, token_ids: Iterable[int]) -> Iterator[str]:
     """The text of `token_ids` piece by piece as the ids come; the pieces join to their decoded text.
 
@@ -90,42 +67,6 @@ def text_pieces(tokenizer, token_ids: Iterable[int]) -> Iterator[str]:
     text = tokenizer.decode(new, skip_special_tokens=True)
     if len(text) > len(sent):
         yield text[len(sent) :]
-
-
-class KVBuffers:
-    """The cache of one generation: per layer keys and values, ping-ponged between two buffers.
-
-    Each buffer holds up to (B, H, capacity, D) on the session's device; a step binds the first
-    (B, H, P, D) of one as the past and the first (B, H, P + T, D) of the other as the present.
-    """
-
-    def __init__(self, lm: OnnxLM, batch: int, capacity: int):
-        import onnxruntime as ort
-
-        self.lm, self.batch, self.past = lm, batch, 0
-        size = [batch * lm.n_head * capacity * lm.head_dim]
-        self.buffers = [
-            [
-                ort.OrtValue.ortvalue_from_shape_and_type(size, lm.cache_dtype, lm.device_type, lm.device_id)
-                for _ in lm.cache_in
-            ]
-            for _ in range(2)
-        ]
-
-    def reset(self) -> None:
-        self.past = 0
-
-    def bind(self, binding, new_tokens: int) -> None:
-        lm, (past, present) = self.lm, self.buffers
-        shape_in = [self.batch, lm.n_head, self.past, lm.head_dim]
-        shape_out = [self.batch, lm.n_head, self.past + new_tokens, lm.head_dim]
-        for name_in, name_out, buf_in, buf_out in zip(lm.cache_in, lm.cache_out, past, present):
-            binding.bind_input(name_in, lm.device_type, lm.device_id, lm.cache_dtype, shape_in, buf_in.data_ptr())
-            binding.bind_output(name_out, lm.device_type, lm.device_id, lm.cache_dtype, shape_out, buf_out.data_ptr())
-
-    def advance(self, new_tokens: int) -> None:
-        self.buffers.reverse()  # this step's present is the next step's past
-        self.past += new_tokens
 
 
 class OnnxLM:
@@ -148,6 +89,7 @@ class OnnxLM:
         inputs = {i.name: i.type for i in self.session.get_inputs()}
         self.cache_dtype = np.float16 if inputs[self.cache_in[0]] == "tensor(float16)" else np.float32
         self.selects_logits = "logit_positions" in inputs  # packages of format 1 return every position's logits
+        self.fixed_cache = "attention_mask" not in inputs  # format 3: the cache written in place
         self.device_type = "cuda" if self.provider == CUDA else "cpu"
         self.device_id = options.device_id if self.device_type == "cuda" else 0
 
@@ -155,37 +97,95 @@ class OnnxLM:
     def provider(self) -> str:
         return self.session.get_providers()[0]
 
-    def empty_cache(self, batch: int) -> list[np.ndarray]:
-        return [np.zeros((batch, self.n_head, 0, self.head_dim), dtype=self.cache_dtype) for _ in self.cache_in]
-
-    def inputs(
-        self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, last_only: bool
-    ) -> dict[str, np.ndarray]:
-        B, T = ids.shape
-        feed = {
-            "input_ids": ids.astype(np.int64),
-            "position_ids": positions.astype(np.int64),
-            "attention_mask": mask.astype(np.int64),
-        }
-        if self.selects_logits:
-            wanted = np.arange(T - 1, T) if last_only else np.arange(T)
-            feed["logit_positions"] = np.broadcast_to(wanted, (B, len(wanted))).astype(np.int64)
-        return feed
-
-    def step(
-        self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, cache: list[np.ndarray]
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One graph call: (B, T) new ids, positions, (B, P + T) mask -> (B, T, V) logits and the grown cache."""
-        feed = self.inputs(ids, positions, mask, last_only=False) | dict(zip(self.cache_in, cache))
-        logits, *present = self.session.run(["logits", *self.cache_out], feed)
-        return logits, present
-
     def forward_logits(self, ids: np.ndarray) -> np.ndarray:
-        """(B, T) ids, no padding, empty cache -> (B, T, V) logits."""
+        """(B, T) ids, no padding, from position 0 -> (B, T, V) logits."""
         B, T = ids.shape
-        positions = np.broadcast_to(np.arange(T), (B, T))
-        logits, _ = self.step(ids, positions, np.ones((B, T), dtype=np.int64), self.empty_cache(B))
-        return logits
+        positions = np.broadcast_to(np.arange(T), (B, T)).astype(np.int64)
+        feed = {"input_ids": ids.astype(np.int64), "position_ids": positions}
+        if not self.fixed_cache:
+            feed["attention_mask"] = np.ones((B, T), dtype=np.int64)
+        if self.selects_logits:
+            feed["logit_positions"] = feed["position_ids"]
+        width = T if self.fixed_cache else 0  # the fixed cache's slots for T positions; an empty growing one
+        empty = np.zeros((B, self.n_head, width, self.head_dim), dtype=self.cache_dtype)
+        return self.session.run(["logits"], feed | dict.fromkeys(self.cache_in, empty))[0]
+
+    def rows(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        seed: int | None,
+        stop_at_eos: bool,
+    ) -> Iterator[tuple[int, int]]:
+        """(row, token) for each token decoded after each prompt, as decoded; row i samples with seed + i."""
+        if not self.fixed_cache:
+            yield from self.rows_growing(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos)
+            return
+        batch = DecodeBatch(self, max_rows=len(prompts))
+        stop_ids = frozenset(self.stop_ids if stop_at_eos else ())
+        row_of = {}
+        for i, prompt in enumerate(prompts):
+            seed_i = None if seed is None else seed + i
+            seq = Sequence(list(prompt), max_new_tokens, temperature, top_k, top_p, seed_i, stop_ids)
+            row_of[seq] = i
+            batch.start(seq)
+            batch.fill()
+        while batch.decoding:
+            for seq, token in batch.decode():
+                if seq.error is not None:
+                    raise seq.error
+                if token is not None:
+                    yield row_of[seq], token
+                if seq.finish is not None:
+                    batch.remove(seq)
+
+    def rows_growing(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        seed: int | None,
+        stop_at_eos: bool,
+    ) -> Iterator[tuple[int, int]]:
+        """`rows` on a format 1 or 2 graph: one left-padded batch, one generator for every row."""
+        rng = np.random.default_rng(seed)
+        rows = [list(r) for r in prompts]
+        B, done = len(rows), np.zeros(len(rows), dtype=bool)
+        cache = GrowingCache(self, B, min(self.block_size, max(len(r) for r in rows) + max_new_tokens))
+        ids = mask = positions = None
+        binding = self.session.io_binding()
+        for _ in range(max_new_tokens):
+            if ids is None or mask.shape[1] + 1 > self.block_size:  # first step, or cache full: (re)start
+                ids, mask, positions = self.windows(rows)
+                cache.reset()
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+            feed = {"input_ids": ids, "position_ids": positions, "attention_mask": mask}
+            if self.selects_logits:
+                feed["logit_positions"] = np.full((B, 1), ids.shape[1] - 1, dtype=np.int64)
+            for name, value in feed.items():
+                binding.bind_cpu_input(name, value.astype(np.int64))
+            binding.bind_output("logits", self.device_type, self.device_id)  # first: get_outputs()[0]
+            cache.bind(binding, ids.shape[1])
+            self.session.run_with_iobinding(binding)
+            cache.advance(ids.shape[1])
+            next_ids = sample(binding.get_outputs()[0].numpy()[:, -1], temperature, top_k, top_p, rng)
+            for i in np.flatnonzero(~done):
+                if stop_at_eos and next_ids[i] in self.stop_ids:
+                    done[i] = True
+                else:
+                    yield int(i), int(next_ids[i])
+            if done.all():
+                return
+            for row, token in zip(rows, next_ids):
+                row.append(int(token))
+            ids, positions = next_ids[:, None].astype(np.int64), positions[:, -1:] + 1
+            mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
 
     def windows(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each row's last block_size tokens, left-padded: (B, W) ids, mask and positions."""
@@ -196,41 +196,6 @@ class OnnxLM:
         for i, w in enumerate(windows):
             ids[i, width - len(w) :], mask[i, width - len(w) :] = w, 1
         return ids, mask, np.clip(mask.cumsum(axis=1) - 1, 0, None)  # each row counts from its first real token
-
-    def decode(
-        self,
-        rows: list[list[int]],
-        max_new_tokens: int,
-        temperature: float,
-        top_k: int | None,
-        top_p: float | None,
-        seed: int | None,
-    ) -> Iterator[np.ndarray]:
-        """(B,) next ids of every row, step by step, for up to max_new_tokens steps (the caller stops early)."""
-        rng = np.random.default_rng(seed)
-        rows = [list(r) for r in rows]
-        B = len(rows)
-        cache = KVBuffers(self, B, min(self.block_size, max(len(r) for r in rows) + max_new_tokens))
-        ids = mask = positions = None
-        binding = self.session.io_binding()
-        for _ in range(max_new_tokens):
-            if ids is None or mask.shape[1] + 1 > self.block_size:  # first step, or cache full: (re)start
-                ids, mask, positions = self.windows(rows)
-                cache.reset()
-            binding.clear_binding_inputs()
-            binding.clear_binding_outputs()
-            for name, value in self.inputs(ids, positions, mask, last_only=True).items():
-                binding.bind_cpu_input(name, value)
-            binding.bind_output("logits", self.device_type, self.device_id)  # first: get_outputs()[0]
-            cache.bind(binding, ids.shape[1])
-            self.session.run_with_iobinding(binding)
-            cache.advance(ids.shape[1])
-            next_ids = sample(binding.get_outputs()[0].numpy()[:, -1], temperature, top_k, top_p, rng)
-            yield next_ids
-            for row, token in zip(rows, next_ids):
-                row.append(int(token))
-            ids, positions = next_ids[:, None].astype(np.int64), positions[:, -1:] + 1
-            mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
 
     def generate_ids(
         self,
@@ -258,10 +223,8 @@ class OnnxLM:
         """`generate_ids`, one id at a time as each is decoded."""
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         self.check_ids(prompt_ids)
-        for next_ids in self.decode([prompt_ids], max_new_tokens, temperature, top_k, top_p, seed):
-            if stop_at_eos and next_ids[0] in self.stop_ids:
-                return
-            yield int(next_ids[0])
+        for _, token in self.rows([prompt_ids], max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos):
+            yield token
 
     def generate_batch_ids(
         self,
@@ -273,20 +236,14 @@ class OnnxLM:
         seed: int | None = None,
         stop_at_eos: bool = True,
     ) -> list[list[int]]:
-        """New token ids after each prompt, decoded as one batch (left padding + attention mask)."""
+        """New token ids after each prompt, decoded as one batch (prompt i samples with seed + i)."""
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         check_batch(prompts)
         for prompt in prompts:
             self.check_ids(prompt)
-        out, done = [[] for _ in prompts], np.zeros(len(prompts), dtype=bool)
-        for next_ids in self.decode(prompts, max_new_tokens, temperature, top_k, top_p, seed):
-            for i in np.flatnonzero(~done):
-                if stop_at_eos and next_ids[i] in self.stop_ids:
-                    done[i] = True
-                else:
-                    out[i].append(int(next_ids[i]))
-            if done.all():
-                break
+        out = [[] for _ in prompts]
+        for row, token in self.rows(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos):
+            out[row].append(token)
         return out
 
     def check_ids(self, ids: list[int]) -> None:

@@ -16,7 +16,8 @@ from gptcore.errors import InputError
 from gptcore.fsutil import read_json
 from gptcore.runtime.template import CHAT_TOKENS
 
-FORMAT_VERSIONS = (1, 2)  # 2: the LM graph takes logit_positions, and variants are listed
+# 2: the LM graph takes logit_positions, and variants are listed; 3: its cache is written in place
+FORMAT_VERSIONS = (1, 2, 3)
 KINDS = ("lm", "classifier", "chat")
 FILES = ("model.onnx", "tokenizer.json", "gptcore_model.json")
 INT_FIELDS = ("block_size", "n_layer", "n_head", "head_dim", "vocab_size", "eos_token_id", "pad_token_id")

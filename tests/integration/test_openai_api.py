@@ -318,7 +318,9 @@ def test_metrics_count_the_new_endpoints_and_their_tokens(server, client):
 
 
 def test_busy_is_429_in_openai_shape_and_a_stream_that_goes_away_frees_its_slot(lm_package):
-    limits = ServeLimits(max_concurrency=1, max_queue=0, max_prompt_tokens=64, max_new_tokens=2048, max_batch=4)
+    limits = ServeLimits(
+        max_concurrency=1, max_queue=0, max_prompt_tokens=64, max_new_tokens=2048, max_batch=4, max_running=1
+    )
     config = ServeConfig([lm_package.package_dir], limits, device="cpu", threads=1)
     with running(create_app(config, TOKEN)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0, timeout=60)
@@ -330,4 +332,5 @@ def test_busy_is_429_in_openai_shape_and_a_stream_that_goes_away_frees_its_slot(
         assert refused.value.code == "rate_limit_exceeded" and refused.value.response.headers["Retry-After"] == "1"
         stream.close()  # the client goes away: the slot frees once the model thread stops
         wait_for(lambda: metric(url, "gptcore_model_calls_in_flight") == 0)
+        wait_for(lambda: metric(url, 'gptcore_engine_running{model="lm"}') == 0)  # its engine row is free
         assert client.completions.create(model="lm", prompt=PROMPT, max_tokens=2).choices

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -281,11 +282,17 @@ def test_admission_bounds_running_and_waiting_work():
     asyncio.run(scenario())
 
 
-def test_over_the_queue_bound_is_429_at_once(lm_package):
-    """One slot, one place in the queue: a third request while two are in is turned away, with Retry-After."""
-    limits = ServeLimits(max_concurrency=1, max_queue=1, max_prompt_tokens=64, max_new_tokens=2048, max_batch=4)
+@pytest.mark.parametrize("batching", ["per-request", "continuous"])
+def test_over_the_queue_bound_is_429_at_once(lm_package, batching):
+    """One slot (a model thread, or an engine row), one place in the queue: a third request while two
+    are in is turned away, with Retry-After."""
+    limits = ServeLimits(
+        max_concurrency=1, max_queue=1, max_prompt_tokens=64, max_new_tokens=2048, max_batch=4, max_running=1
+    )
     slow = {"prompt": PROMPT, "max_new_tokens": 2048, "temperature": 0}
-    with running(create_app(ServeConfig([lm_package.package_dir], limits, device="cpu", threads=1), TOKEN)) as url:
+    config = ServeConfig([lm_package.package_dir], limits, batching, device="cpu", threads=1)
+    waiting = "gptcore_queue_depth" if batching == "per-request" else 'gptcore_engine_waiting{model="lm"}'
+    with running(create_app(config, TOKEN)) as url:
 
         def post(results: list) -> None:
             results.append(httpx.post(f"{url}/v1/generate", headers=AUTH, json=slow, timeout=120))
@@ -295,7 +302,7 @@ def test_over_the_queue_bound_is_429_at_once(lm_package):
         threads[0].start()
         wait_for(lambda: metric(url, "gptcore_model_calls_in_flight") == 1)
         threads[1].start()
-        wait_for(lambda: metric(url, "gptcore_queue_depth") == 1)
+        wait_for(lambda: metric(url, waiting) == 1)
         start = time.monotonic()
         turned_away = httpx.post(f"{url}/v1/generate", headers=AUTH, json=slow, timeout=120)
         assert turned_away.status_code == 429 and turned_away.headers["Retry-After"] == "1"
@@ -429,3 +436,33 @@ def test_hot_reload_follows_the_alias_and_survives_a_broken_version(lm_package, 
     served_log = log.read_text()
     assert "Application shutdown complete" in served_log and "now serves version" in served_log
     assert "reloading models:/served-lm@champion failed, still serving version" in served_log
+
+
+def test_engine_batches_concurrent_requests_as_each_alone_and_reports_its_metrics(lm_package):
+    """Eight clients at once through one engine: each greedy answer is the one the model gives that
+    prompt alone, the engine decoded several in one step, and /metrics has TTFT and ITL."""
+    lm = load_model(lm_package.package_dir, device="cpu")
+    prompts = [("wave", 5), ("salt ship wave salt ship", 30), ("field", 12), ("ship salt", 20)] * 2
+    alone = [lm.generate(p, max_new_tokens=n, temperature=0.0) for p, n in prompts]
+    config = ServeConfig([lm_package.package_dir], LIMITS, device="cpu", threads=1)
+    with running(create_app(config, TOKEN)) as url:
+        barrier = threading.Barrier(len(prompts))
+
+        def ask(prompt_and_tokens) -> str:
+            prompt, n = prompt_and_tokens
+            barrier.wait(timeout=30)
+            body = {"prompt": prompt, "max_new_tokens": n, "temperature": 0, "stream": n % 2 == 0}
+            answer = httpx.post(f"{url}/v1/generate", headers=AUTH, json=body, timeout=120)
+            assert answer.status_code == 200, answer.text
+            if not body["stream"]:
+                return answer.json()["text"]
+            return "".join(json.loads(e)["text"] for e in sse_events(answer)[:-2])  # the end event, [DONE]
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            together = list(pool.map(ask, prompts))
+        assert together == alone
+        assert metric(url, 'gptcore_time_to_first_token_seconds_count{model="lm"}') == len(prompts)
+        assert metric(url, 'gptcore_inter_token_seconds_count{model="lm"}') > 0
+        single_steps = metric(url, 'gptcore_engine_step_tokens_bucket{le="1.0",model="lm"}')
+        assert metric(url, 'gptcore_engine_step_tokens_count{model="lm"}') > single_steps  # batched steps
+        assert httpx.get(f"{url}/readyz").json()["models"][0]["batching"] == "continuous"

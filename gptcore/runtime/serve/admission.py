@@ -34,7 +34,10 @@ class Admission:
     async def acquire(self) -> None:
         """Take a slot, waiting in the queue if need be; `Overloaded` when the queue is full too."""
         if self.running + self.waiting >= self.max_concurrency + self.max_queue:
-            raise Overloaded
+            raise Overloaded(
+                f"busy: {self.running} requests running (at most {self.max_concurrency}) and "
+                f"{self.waiting} waiting (at most {self.max_queue}); retry later"
+            )
         self.waiting += 1
         try:
             await self._slots.acquire()

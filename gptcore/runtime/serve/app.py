@@ -8,9 +8,12 @@ uvicorn, no torch).
 
 /v1/* and /metrics need `Authorization: Bearer $GPTCORE_SERVE_TOKEN`; without a token the server
 binds only to loopback. Every request is bounded before it costs anything: its body size, its
-fields (pydantic, each limit named in the 422), the prompt's tokens, then a model slot (at most
-max_concurrency calls run, max_queue wait, the rest get 429 at once). Models load after the
-server binds (/readyz says 503 until then); a `models:/NAME@ALIAS` model follows its alias.
+fields (pydantic, each limit named in the 422), the prompt's tokens, then a slot (the rest get
+429 at once). Generations decode through each model's engine (`--batching continuous`: up to
+max_running sequences in one batch, max_queue more waiting for a row) or alone on a model thread
+(`--batching per-request`: max_concurrency at once, max_queue waiting), classification on a
+model thread. Models load after the server binds (/readyz says 503 until then); a
+`models:/NAME@ALIAS` model follows its alias.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the request models (defined in
@@ -32,6 +35,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from gptcore.errors import ConfigError, GptcoreError
+from gptcore.runtime.engine import EngineLimits
 from gptcore.runtime.serve.admission import Admission, BodyLimit, Overloaded
 from gptcore.runtime.serve.metrics import Instrument, ServerMetrics
 from gptcore.runtime.serve.models import ServedModels, follows_alias
@@ -74,10 +78,21 @@ def create_app(
 ) -> FastAPI:
     """The app; its models load in the background once it starts (`on_load_failure(message)` if they cannot)."""
     limits = config.limits
-    models = models or ServedModels(config.models, load_function(config), config.tracking_uri, config.registry_uri)
     metrics = ServerMetrics()
+    continuous = config.batching == "continuous"
+    engine_limits = EngineLimits(limits.max_running, limits.max_running + limits.max_queue, limits.kv_tokens)
+    models = models or ServedModels(
+        config.models,
+        load_function(config),
+        config.tracking_uri,
+        config.registry_uri,
+        engine_limits if continuous else None,
+        metrics,
+    )
     admission = Admission(limits.max_concurrency, limits.max_queue)
-    metrics.watch(admission)
+    # An engine's requests only wait for tokens on their threads: as many as it runs and queues.
+    generation = Admission(limits.max_running + limits.max_queue, 0) if continuous else admission
+    metrics.watch(admission, generation)
     state = {"ready": False, "error": None}
     GenerateRequest, ClassifyRequest = request_models(limits)
 
@@ -102,7 +117,9 @@ def create_app(
         task = asyncio.create_task(load_then_follow_aliases())
         yield
         task.cancel()
-        admission.shutdown()
+        models.close()
+        for slots in {admission, generation}:
+            slots.shutdown()
 
     app = FastAPI(title="gptcore", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.models, app.state.metrics, app.state.load_state = models, metrics, state
@@ -120,13 +137,7 @@ def create_app(
 
     @app.exception_handler(Overloaded)
     async def overloaded(request, exc: Overloaded) -> JSONResponse:
-        return refusal(
-            request.url.path,
-            429,
-            f"busy: {admission.running} requests running (at most {limits.max_concurrency}) and "
-            f"{admission.waiting} waiting (at most {limits.max_queue}); retry later",
-            {"Retry-After": "1"},
-        )
+        return refusal(request.url.path, 429, str(exc), {"Retry-After": "1"})
 
     @app.exception_handler(Exception)
     async def failed(request, exc: Exception) -> JSONResponse:  # uvicorn logs the traceback
@@ -149,7 +160,7 @@ def create_app(
             )
         return model
 
-    add_openai_api(app, models, admission, metrics, limits, state)
+    add_openai_api(app, models, generation, metrics, limits, state)
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -180,7 +191,7 @@ def create_app(
                 ]
             )
         sampling = (request.max_new_tokens, request.temperature, request.top_k, request.top_p, request.seed)
-        await admission.acquire()
+        await generation.acquire()
         if request.stream:
             return StreamingResponse(
                 stream_events(lm, prompt_ids, sampling),
@@ -189,10 +200,10 @@ def create_app(
             )
 
         def complete() -> tuple[list[int], str]:
-            new = lm.model.generate_ids(prompt_ids, *sampling)
+            new = lm.generator.generate_ids(prompt_ids, *sampling)
             return new, lm.model.tokenizer.decode(new, skip_special_tokens=True)
 
-        new, text = await asyncio.wrap_future(admission.start(complete))
+        new, text = await asyncio.wrap_future(generation.start(complete))
         metrics.tokens.inc(len(new))
         return JSONResponse({"text": text, **finish(lm, len(prompt_ids), len(new), request.max_new_tokens)})
 
@@ -207,7 +218,7 @@ def create_app(
         def produce() -> None:
             decoded = Decoded()
             try:
-                for piece in decoded_text(lm.model, prompt_ids, *sampling, [], decoded):
+                for piece in decoded_text(lm.generator, prompt_ids, *sampling, [], decoded):
                     if gone.is_set():
                         break
                     emit(("piece", piece))
@@ -218,7 +229,7 @@ def create_app(
             finally:
                 metrics.tokens.inc(decoded.tokens)
 
-        admission.start(produce)
+        generation.start(produce)
 
         async def relay() -> AsyncIterator[str]:
             try:

@@ -17,6 +17,8 @@ REJECTED = {
     503: "not_ready",
 }
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+STEP_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class ServerMetrics:
@@ -49,11 +51,54 @@ class ServerMetrics:
         self.reloads = Counter(
             "gptcore_model_reloads", "registry alias moves acted on, by outcome", ["outcome"], registry=r
         )
+        # The engines' (continuous batching), by model kind: `Observer` of gptcore.runtime.engine.
+        self.ttft = Histogram(
+            "gptcore_time_to_first_token_seconds",
+            "from a request reaching the engine to its first token",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "gptcore_inter_token_seconds",
+            "between a request's successive tokens",
+            ["model"],
+            buckets=TOKEN_GAP_BUCKETS,
+            registry=r,
+        )
+        self.step_tokens = Histogram(
+            "gptcore_engine_step_tokens",
+            "tokens decoded per engine step",
+            ["model"],
+            buckets=STEP_TOKEN_BUCKETS,
+            registry=r,
+        )
+        for name, what in (
+            ("running", "sequences decoding in the engine's batch"),
+            ("waiting", "requests waiting for a row of the engine"),
+            ("kv_reserved_tokens", "cache slots the running sequences reserve"),
+            ("kv_budget_tokens", "the engine's KV budget (--kv-tokens)"),
+        ):
+            setattr(self, name, Gauge(f"gptcore_engine_{name}", what, ["model"], registry=r))
 
-    def watch(self, admission) -> None:
-        """Queue depth and calls in flight read from `admission` at scrape time."""
-        self.queue_depth.set_function(lambda: admission.waiting)
-        self.in_flight.set_function(lambda: admission.running)
+    def watch(self, *admissions) -> None:
+        """Queue depth and calls in flight read from the server's admissions at scrape time."""
+        distinct = list(dict.fromkeys(admissions))
+        self.queue_depth.set_function(lambda: sum(a.waiting for a in distinct))
+        self.in_flight.set_function(lambda: sum(a.running for a in distinct))
+
+    def first_token(self, model: str, seconds: float) -> None:
+        self.ttft.labels(model).observe(seconds)
+
+    def token_gap(self, model: str, seconds: float) -> None:
+        self.itl.labels(model).observe(seconds)
+
+    def step(self, model: str, tokens: int, running: int, waiting: int, kv_reserved: int, kv_tokens: int) -> None:
+        self.step_tokens.labels(model).observe(tokens)
+        self.running.labels(model).set(running)
+        self.waiting.labels(model).set(waiting)
+        self.kv_reserved_tokens.labels(model).set(kv_reserved)
+        self.kv_budget_tokens.labels(model).set(kv_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -4,7 +4,11 @@ classifier), the names requests call them by, and their hot reload.
 A model given as `models:/NAME@ALIAS` follows its alias: `refresh` asks the registry which version
 the alias names and, when that changed, loads the new version beside the old one and swaps the
 reference. A request takes its model once, when it starts, so in-flight requests finish on the
-version they began with; a failed reload keeps the version being served.
+version they began with (a replaced engine takes no new requests and stops once its own are
+done); a failed reload keeps the version being served.
+
+With engine limits, each LM and chat model decodes through its own `gptcore.runtime.engine.Engine`
+(continuous batching); without, or for a package older than format 3, requests decode alone.
 """
 
 from __future__ import annotations
@@ -29,6 +33,12 @@ class Served:
     uri: str  # as given on the command line
     version: str | None  # the registered version; None for a package directory or a run's artifacts
     loaded_at: int = field(default_factory=lambda: int(time.time()))  # Unix time this version was loaded
+    engine: Any = None  # the Engine that batches its generations; None: each decodes alone
+
+    @property
+    def generator(self) -> Any:
+        """What generations decode through: `iter_ids` and `generate_ids` of the engine, or of the model."""
+        return self.engine if self.engine is not None else self.model
 
     @property
     def name(self) -> str:
@@ -48,6 +58,7 @@ class Served:
             "version": self.version,
             "provider": self.model.provider,
             "variant": self.model.variant,
+            "batching": "continuous" if self.engine is not None else "per-request",
         }
 
 
@@ -71,8 +82,11 @@ class ServedModels:
         load: Callable[[str], Any],
         tracking_uri: str | None = None,
         registry_uri: str | None = None,
+        engine_limits: Any = None,
+        observer: Any = None,
     ):
         self.uris, self.load = list(uris), load
+        self.engine_limits, self.observer = engine_limits, observer
         self.tracking_uri, self.registry_uri = tracking_uri, registry_uri or tracking_uri
         self.by_kind: dict[str, Served] = {}
         self._client = None
@@ -107,7 +121,15 @@ class ServedModels:
         else:
             model = self.load(uri)
             version = pinned_version(uri)
-        return Served(model, model.package.kind, uri, version)
+        kind, engine = model.package.kind, None
+        if self.engine_limits is not None and kind in ("lm", "chat"):
+            if model.fixed_cache:
+                from gptcore.runtime.engine import Engine
+
+                engine = Engine(model, self.engine_limits, self.observer, kind)
+            else:
+                log.warning("serve: %s is a package of format < 3: its requests decode one by one (re-export it)", uri)
+        return Served(model, kind, uri, version, engine=engine)
 
     def alias_version(self, uri: str) -> str:
         return str(model_version(self.client(), uri).version)
@@ -143,6 +165,14 @@ class ServedModels:
                 outcomes.append("failed")
                 continue
             self.by_kind[kind] = fresh  # one reference swap: requests already running keep the old model
+            if served.engine is not None:
+                served.engine.close()
             log.info("serve: %s now serves version %s (was %s)", served.uri, version, served.version)
             outcomes.append("reloaded")
         return outcomes
+
+    def close(self) -> None:
+        """Stop the engines once their requests are done."""
+        for served in self.by_kind.values():
+            if served.engine is not None:
+                served.engine.close()

@@ -72,7 +72,7 @@ def choice_pieces(job: Job, prompt_ids: list[int], seed: int | None, decoded: De
     """One choice of a job, piece by piece; `decoded` counts it and says how it ended."""
     s = job.sampling
     return decoded_text(
-        job.served.model, prompt_ids, s.max_tokens, s.temperature, None, s.top_p, seed, s.stops, decoded
+        job.served.generator, prompt_ids, s.max_tokens, s.temperature, None, s.top_p, seed, s.stops, decoded
     )
 
 

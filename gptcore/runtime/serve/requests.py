@@ -36,9 +36,13 @@ class ServeLimits:
     max_new_tokens: int = 256
     max_batch: int = 32
     max_n: int = 8  # choices per OpenAI-style request, decoded one after another under one slot
+    max_running: int = 32  # sequences each engine decodes in one batch (--batching continuous)
+    kv_tokens: int = 32768  # cache slots (rows x width) each engine's running sequences may reserve
 
     def __post_init__(self):
         bounds = {
+            "max_running": (1, 1024),
+            "kv_tokens": (1, 1 << 24),
             "max_concurrency": (1, 256),
             "max_queue": (0, 10_000),
             "max_prompt_tokens": (1, 16_384),
@@ -60,10 +64,14 @@ class ServeLimits:
         return self.max_batch * self.max_text_chars * BODY_BYTES_PER_CHAR + BODY_OVERHEAD
 
 
+BATCHING = ("continuous", "per-request")
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     models: list[str]
     limits: ServeLimits = field(default_factory=ServeLimits)
+    batching: str = "continuous"  # an engine per generative model, or each request decoding alone on a thread
     device: str = "auto"
     threads: int | None = None
     variant: str = "auto"
@@ -77,6 +85,8 @@ class ServeConfig:
                 f"--model: give one to {len(MODEL_KINDS)} (at most one language model, one chat model and "
                 f"one classifier), got {len(self.models)}"
             )
+        if self.batching not in BATCHING:
+            raise ConfigError(f"--batching: must be one of {', '.join(BATCHING)}, got {self.batching!r}")
         if self.reload_interval < 0:
             raise ConfigError(f"--reload-interval: must be >= 0 seconds, got {self.reload_interval}")
 

@@ -14,6 +14,7 @@ from gptcore.export.lm import export_lm_onnx
 from gptcore.export.package import add_variants
 from gptcore.results import load_tokenized, read_tokens
 from gptcore.runtime import OnnxClassifier, OnnxLM, load_model
+from gptcore.runtime.batching import DecodeBatch
 from gptcore.weights import load_lm
 
 
@@ -39,26 +40,28 @@ def test_lm_graph_has_dynamic_axes_and_flat_cache(lm_package):
 
     s = ort.InferenceSession(f"{lm_package.package_dir}/model.onnx", providers=["CPUExecutionProvider"])
     inputs = {i.name: i.shape for i in s.get_inputs()}
-    assert list(inputs)[:3] == ["input_ids", "position_ids", "attention_mask"]
+    assert list(inputs)[:3] == ["input_ids", "position_ids", "logit_positions"]  # no mask: positions say it
     assert {"past_key_0", "past_value_0", "past_key_1", "past_value_1"} <= set(inputs)
     assert all(isinstance(d, str) for d in inputs["input_ids"])  # batch and sequence are symbolic
     assert isinstance(inputs["past_key_0"][0], str) and isinstance(inputs["past_key_0"][2], str)
     assert [o.name for o in s.get_outputs()][:3] == ["logits", "present_key_0", "present_value_0"]
 
 
-def test_empty_cache_first_step_then_decode_matches_torch(trained, lm_package):
-    """Batch 1, an empty past on the first step (sizes 0 and 1 were never traced), then cached steps."""
+def test_first_step_then_decode_in_place_matches_torch(trained, lm_package):
+    """Batch 1, a prompt written into fresh slots (sizes 0 and 1 were never traced), then one token
+    per step written in place: each step's logits are torch's at that position."""
     gpt, _ = load_lm(f"{trained['pre']}/best")
     lm = load_model(lm_package.package_dir, device="cpu")
-    assert isinstance(lm, OnnxLM) and lm.provider == "CPUExecutionProvider"
+    assert isinstance(lm, OnnxLM) and lm.provider == "CPUExecutionProvider" and lm.fixed_cache
     tokens = np.asarray(read_tokens(load_tokenized(trained["tokenizer"]), "test")[:12], dtype=np.int64)
-    logits, cache = lm.step(tokens[None, :8], np.arange(8)[None], np.ones((1, 8)), lm.empty_cache(1))
     with torch.no_grad():
         ref = gpt(torch.from_numpy(tokens[None]))[0][..., : gpt.cfg.vocab_size].numpy()
-    assert np.abs(logits - ref[:, :8]).max() < 1e-4
+    batch = DecodeBatch(lm, max_rows=1)
+    batch.reserve(1, 12)
+    assert np.abs(batch.run(0, tokens[None, :8], np.arange(8)[None]) - ref[:, 7]).max() < 1e-4
     for t in range(8, 12):
-        logits, cache = lm.step(tokens[None, t : t + 1], np.array([[t]]), np.ones((1, t + 1)), cache)
-        assert np.abs(logits[:, 0] - ref[:, t]).max() < 1e-4
+        logits = batch.run(0, tokens[None, t : t + 1], np.array([[t]]))
+        assert np.abs(logits - ref[:, t]).max() < 1e-4
 
 
 def test_classifier_export_parity(classifier_package):
@@ -77,8 +80,8 @@ def test_failed_parity_raises_and_keeps_the_previous_package(trained, lm_package
     before = {p.name: p.read_bytes() for p in Path(lm_package.package_dir).iterdir()}
     real = export.LMGraph.forward
 
-    def off_by_a_bit(self, input_ids, position_ids, attention_mask, logit_positions, *past_flat):
-        logits, *cache = real(self, input_ids, position_ids, attention_mask, logit_positions, *past_flat)
+    def off_by_a_bit(self, input_ids, position_ids, *rest):
+        logits, *cache = real(self, input_ids, position_ids, *rest)
         return (logits + 0.01, *cache)
 
     monkeypatch.setattr(export.LMGraph, "forward", off_by_a_bit)
@@ -113,26 +116,17 @@ def test_every_architecture_option_exports_with_parity(options, tmp_path):
     ids = torch.randint(0, 50, (1, 10))
     with torch.no_grad():
         ref = gpt(ids)[0][..., :50].numpy()
-    feed = {
-        "input_ids": ids[:, :6].numpy(),
-        "position_ids": np.arange(6)[None],
-        "attention_mask": np.ones((1, 6), np.int64),
-        "logit_positions": np.arange(6)[None],
-    }
-    feed |= {f"past_{kind}_{i}": np.zeros((1, 2, 0, 16), np.float32) for i in range(2) for kind in ("key", "value")}
     names = ["logits"] + [f"present_{kind}_{i}" for i in range(2) for kind in ("key", "value")]
-    out = session.run(names, feed)
-    assert np.abs(out[0] - ref[:, :6]).max() < 1e-4
-    for t in range(6, 10):
+    cache = [np.zeros((1, 2, 16, 16), np.float32) for _ in range(4)]  # 16 slots: the whole context
+    for start, end in ((0, 6), *((t, t + 1) for t in range(6, 10))):  # the prompt, then one token per step
         feed = {
-            "input_ids": ids[:, t : t + 1].numpy(),
-            "position_ids": np.array([[t]]),
-            "attention_mask": np.ones((1, t + 1), np.int64),
-            "logit_positions": np.array([[0]]),
+            "input_ids": ids[:, start:end].numpy(),
+            "position_ids": np.arange(start, end)[None],
+            "logit_positions": np.arange(end - start)[None],
         }
-        feed |= {f"past_{kind}_{i}": out[1 + 2 * i + j] for i in range(2) for j, kind in enumerate(("key", "value"))}
-        out = session.run(names, feed)
-        assert np.abs(out[0][:, 0] - ref[:, t]).max() < 1e-4
+        logits, *cache = session.run(names, feed | dict(zip([n.replace("present", "past") for n in names[1:]], cache)))
+        assert np.abs(logits - ref[:, start:end]).max() < 1e-4
+        assert not cache[0][:, :, end:].any()  # only the slots of positions so far are written
 
 
 @pytest.mark.parametrize("package", ["lm_package", "classifier_package"])

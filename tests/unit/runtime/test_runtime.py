@@ -17,7 +17,7 @@ from gptcore.export.lm import export_lm_graph
 from gptcore.export.package import package_meta
 from gptcore.model import GPT, GPTClassifier
 from gptcore.runtime import OnnxClassifier, OnnxLM, load_model, load_package, resolve_model_uri, score_file
-from gptcore.runtime.lm import sample
+from gptcore.runtime.batching import DecodeBatch, sample
 from tests.conftest import write_input
 
 EOT, PAD = "<|endoftext|>", "<|pad|>"
@@ -111,10 +111,11 @@ def test_logits_match_torch_with_and_without_cache(built, lm):
     with torch.no_grad():
         ref = built["gpt"](torch.from_numpy(ids))[0][..., : built["gpt"].cfg.vocab_size].numpy()
     assert np.abs(lm.forward_logits(ids) - ref).max() < 1e-4
-    logits, cache = lm.step(ids[:, :8], np.arange(8)[None], np.ones((1, 8)), lm.empty_cache(1))
-    for t in range(8, 12):  # then one token at a time through the cache
-        logits, cache = lm.step(ids[:, t : t + 1], np.array([[t]]), np.ones((1, t + 1)), cache)
-        assert np.abs(logits[:, 0] - ref[:, t]).max() < 1e-4
+    batch = DecodeBatch(lm, max_rows=1)
+    batch.reserve(1, 12)
+    assert np.abs(batch.run(0, ids[:, :8], np.arange(8)[None]) - ref[:, 7]).max() < 1e-4
+    for t in range(8, 12):  # then one token at a time, written into the cache in place
+        assert np.abs(batch.run(0, ids[:, t : t + 1], np.array([[t]])) - ref[:, t]).max() < 1e-4
 
 
 def test_greedy_matches_torch_past_the_context_window(built, lm):
@@ -263,7 +264,7 @@ def test_package_of_unknown_format_or_kind_is_refused(built, tmp_path):
     pkg = shutil.copytree(built["lm_dir"], tmp_path / "pkg")
     meta = json.loads((pkg / "gptcore_model.json").read_text())
     for change, field in (
-        ({"format_version": 3}, "format_version"),
+        ({"format_version": 4}, "format_version"),
         ({"kind": "vision"}, "kind"),
         ({"kind": "classifier", "labels": []}, "labels"),
         ({"variants": {"int8": {"file": "../model.onnx"}}}, "variants"),
