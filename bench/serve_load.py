@@ -1,18 +1,43 @@
-"""Load on `gptcore serve`: throughput, latency and failures at concurrency 1 and 16, a burst past the
-queue bound (429s, no crash), and the server's resident memory before and after.
+"""`gptcore serve` under load: the continuous-batching engine against the per-request path, and
+both against the offline ceiling of the same graph.
 
-    python bench/serve_load.py --model gptcore-work/export/lm [--model gptcore-work/export/classifier]
-                               [--requests 200] [--duration 20] [--new-tokens 32] [--json out.json]
+    python bench/serve_load.py --workdir gptcore-work [--models default gpt2-124m] [--json out.json]
+                               [--paths engine per-request] [--concurrency 1 16 64]
+                               [--requests 64] [--duration 60] [--device cpu] [--threads N]
+    python bench/serve_load.py --model path/to/lm-package ...     (an ad-hoc run on a given package)
 
-Starts the server as a subprocess on a free loopback port with a fresh bearer token, sends real
-HTTP requests with httpx from threads (one client each), and stops the server at the end. Every
-phase is bounded by a request count and a time budget, whichever comes first.
+Models: `default`, the LM of a pipeline work directory (`gptcore pipeline --workdir DIR` first),
+and `gpt2-124m`, GPT-2 small's shape with random weights; both exported here, fp32, as
+`kv_cache.py` exports them. For each model:
+- offline: `generate_batch_ids` on 16 prompts of 128 tokens, 128 new each, greedy, in this
+  process before any server starts: the tokens/s the graph gives when nothing but decoding runs;
+- for each path (`--batching continuous`, `--batching per-request`), a server of its own, and
+  for each concurrency a load phase: that many clients, each sending its next request when the
+  last has ended, until `--requests` were sent or `--duration` seconds passed (requests then in
+  flight finish). Every phase sends the same seeded mixed workload: prompts of 16-512 tokens
+  (random token ids decoded to text with the package's tokenizer) asking for 32-128 tokens, both
+  cut where the model's context could not hold them (see `workload`), sampled (temperature 0.8,
+  top-k 50) with a seed per request, so both paths generate the same tokens.
+
+Requests stream (/v1/generate, "stream": true): time to first token (TTFT) is from sending the
+request to its first text event, inter-token latency (ITL) the gap between successive text
+events (an event holds a token, or a few when a character spans tokens). Rows: requests/s and
+output tokens/s over the phase's wall time, TTFT and ITL p50/p99, requests refused with 429
+(`rejected`) and those that failed otherwise (`failed`: any other status, a broken stream), the
+server's resident memory before and after the phase. The server's queue is sized so that no
+request of a phase needs to be refused: any 429 says something is wrong.
+
+The server runs as a subprocess on a free loopback port with a fresh bearer token; its log's path
+is printed. On a 2-core CPU the clients share the cores with the server: compare paths measured
+in one run, on one machine, not figures from elsewhere.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import json
 import os
 import secrets
 import signal
@@ -31,15 +56,71 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from inference import timed  # bench/inference.py: best of timed calls after a warm-up
+from kv_cache import lm_package, load_source  # bench/kv_cache.py: the packages, exported alike
 from machine import write_json  # bench/machine.py: the machine beside the figures
 
-PROMPT = "ROMEO. What light through yonder window breaks?"
-TEXTS = [
-    "The ship sailed out of the harbour on the morning tide.",
-    "Wheat grew tall in the meadow.",
-    "A storm rolled over the sea.",
-    "The farmer ploughed the field beside the old stone barn.",
-] * 2
+from gptcore.runtime import load_model, load_package
+
+BATCHING = {"engine": "continuous", "per-request": "per-request"}  # a row's path -> the server's --batching
+OFFLINE_BATCH, OFFLINE_PROMPT, OFFLINE_NEW = 16, 128, 128
+SAMPLING = {"temperature": 0.8, "top_k": 50}
+WARMUP_REQUESTS = 4  # sent before the first phase: the first calls at new shapes pay for allocations
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    prompt: str
+    max_tokens: int
+    seed: int
+
+
+@dataclasses.dataclass
+class Outcome:
+    """One request as the client saw it."""
+
+    status: int  # 0: no answer (a transport error or a timeout)
+    broken: bool = False  # answered 200, then an error event or no final event
+    ttft: float | None = None  # seconds from sending to the first text event
+    gaps: list[float] = dataclasses.field(default_factory=list)  # seconds between successive text events
+    tokens: int = 0  # generated, as the final event says
+    prompt_tokens: int = 0  # as the server counted them
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200 and not self.broken
+
+
+def workload(package: Path, args) -> list[Request]:
+    """`args.requests` seeded requests for `package`'s model.
+
+    Both draws are cut so that prompt and generation fit the context: max_tokens to half of it,
+    the prompt to the rest (and --max-prompt-tokens). A generation past the context would slide
+    its window and write the whole context again at every token, on both paths: a measure of
+    prefill, not of decoding. gpt2-124m (1024) keeps the full ranges; a model of 128 tokens
+    gets prompts of 16-96 tokens asking for 32-64.
+    """
+    pkg = load_package(package)
+    tok, block = pkg.tokenizer, pkg.meta["block_size"]
+    rng = np.random.default_rng(args.seed)
+    requests = []
+    while len(requests) < args.requests:
+        max_tokens = min(int(rng.integers(args.max_tokens[0], args.max_tokens[1] + 1)), block // 2)
+        cap = min(args.max_prompt_tokens, block - max_tokens)
+        n = min(int(rng.integers(args.prompt_tokens[0], args.prompt_tokens[1] + 1)), cap)
+        text = text_of(tok, rng.integers(0, tok.get_vocab_size(), n).tolist())
+        # Decoded ids need not encode back to as many (merges differ): trim to n, which shortens
+        # the text each time (without the replacement characters, the cut can not grow it back).
+        while len(ids := tok.encode(text, add_special_tokens=False).ids) > n:
+            text = text_of(tok, ids[:n])
+        if text.strip():  # ids that are all special tokens decode to nothing: draw again
+            requests.append(Request(text, max_tokens, len(requests)))
+    return requests
+
+
+def text_of(tok, ids: list[int]) -> str:
+    """The text of `ids`, without the replacement characters that stand for bytes cut mid-character."""
+    return tok.decode(ids, skip_special_tokens=True).replace("\ufffd", "")
 
 
 def rss_mb(pid: int) -> float:
@@ -60,30 +141,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def server_command(package: Path, path: str, port: int, args) -> list[str]:
+    command = [sys.executable, "-m", "gptcore.cli", "serve", "--model", str(package), "--port", str(port)]
+    command += ["--device", args.device, "--batching", BATCHING[path], "--max-queue", str(max(args.concurrency))]
+    command += ["--max-new-tokens", str(args.max_tokens[1]), "--max-prompt-tokens", str(args.max_prompt_tokens)]
+    # The other knobs keep the server's defaults unless given; each path reads only its own.
+    options = {"--threads": args.threads}
+    if path == "engine":
+        options |= {"--max-running": args.max_running, "--kv-tokens": args.kv_tokens}
+    else:
+        options |= {"--max-concurrency": args.max_concurrency}
+    for flag, value in options.items():
+        if value is not None:
+            command += [flag, str(value)]
+    return command
+
+
 @contextlib.contextmanager
-def server(models: list[str], token: str, args) -> Iterator[tuple[str, subprocess.Popen]]:
+def server(package: Path, path: str, token: str, args) -> Iterator[tuple[str, subprocess.Popen]]:
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "gptcore.cli",
-        "serve",
-        "--port",
-        str(port),
-        "--device",
-        args.device,
-        "--max-concurrency",
-        str(args.max_concurrency),
-        "--max-queue",
-        str(args.max_queue),
-        "--max-new-tokens",
-        str(max(args.new_tokens, 1)),
-    ]
-    for model in models:
-        command += ["--model", model]
-    if args.threads:
-        command += ["--threads", str(args.threads)]
-    log = Path(tempfile.mkstemp(prefix="gptcore-serve-", suffix=".log")[1])
+    log = Path(tempfile.mkstemp(prefix=f"gptcore-serve-{path}-", suffix=".log")[1])
     env = {
         **os.environ,
         "GPTCORE_SERVE_TOKEN": token,
@@ -92,7 +169,9 @@ def server(models: list[str], token: str, args) -> Iterator[tuple[str, subproces
         ),
     }
     with open(log, "w") as log_file:
-        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            server_command(package, path, port, args), env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + args.start_timeout
@@ -112,161 +191,210 @@ def server(models: list[str], token: str, args) -> Iterator[tuple[str, subproces
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
-        print(f"(server log: {log})")
+        print(f"  (server log: {log})", flush=True)
 
 
-def call(client: httpx.Client, url: str, endpoint: str, args, seed: int) -> tuple[int, float, int]:
-    """One request: (status, or 0 if it failed to complete; seconds; tokens generated)."""
-    body = (
-        {"prompt": PROMPT, "max_new_tokens": args.new_tokens, "temperature": 0.8, "top_k": 50, "seed": seed}
-        if endpoint == "generate"
-        else {"texts": TEXTS}
-    )
-    start = time.perf_counter()
+def stream_one(client: httpx.Client, url: str, request: Request, timeout: float) -> Outcome:
+    """One streamed generation: SSE `data: {"text": ...}` events, a final one with the counts, `data: [DONE]`."""
+    body = {"prompt": request.prompt, "max_new_tokens": request.max_tokens, "seed": request.seed, "stream": True}
+    start, pieces, final = time.perf_counter(), [], None
     try:
-        answer = client.post(f"{url}/v1/{endpoint}", json=body, timeout=args.request_timeout)
+        with client.stream("POST", f"{url}/v1/generate", json=body | SAMPLING, timeout=timeout) as answer:
+            if answer.status_code != 200:
+                answer.read()
+                return Outcome(answer.status_code)
+            for line in answer.iter_lines():
+                if line.startswith("event: error"):
+                    return Outcome(200, broken=True)
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line.removeprefix("data: "))
+                if "text" in event:
+                    pieces.append(time.perf_counter())
+                else:
+                    final = event
     except httpx.HTTPError:
-        return 0, time.perf_counter() - start, 0
-    tokens = answer.json().get("tokens", 0) if answer.status_code == 200 else 0
-    return answer.status_code, time.perf_counter() - start, tokens
+        return Outcome(0)
+    if final is None:
+        return Outcome(200, broken=True)
+    return Outcome(
+        200,
+        ttft=pieces[0] - start if pieces else None,
+        gaps=np.diff(pieces).tolist(),
+        tokens=final["tokens"],
+        prompt_tokens=final["prompt_tokens"],
+    )
 
 
-def load(url: str, token: str, endpoint: str, concurrency: int, args) -> dict:
-    """`concurrency` clients, each sending its next request when the last is answered, until the
-    request count or the time budget is reached."""
-    results, lock, issued = [], threading.Lock(), iter(range(args.requests))
+def load(url: str, token: str, requests: list[Request], concurrency: int, args) -> tuple[list[Outcome], float]:
+    """`concurrency` clients sending `requests` in order, each its next when the last has ended,
+    until all were sent or the phase's time is up; the outcomes and the wall time."""
+    outcomes, lock, issued = [], threading.Lock(), iter(requests)
     deadline = time.monotonic() + args.duration
 
     def client_loop() -> None:
         with httpx.Client(headers={"Authorization": f"Bearer {token}"}) as client:
             while time.monotonic() < deadline:
                 with lock:
-                    seed = next(issued, None)
-                if seed is None:
+                    request = next(issued, None)
+                if request is None:
                     return
-                outcome = call(client, url, endpoint, args, seed)
+                outcome = stream_one(client, url, request, args.request_timeout)
                 with lock:
-                    results.append(outcome)
+                    outcomes.append(outcome)
 
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         for future in [pool.submit(client_loop) for _ in range(concurrency)]:
             future.result()
-    wall = time.perf_counter() - start
-    ok = [(s, t, n) for s, t, n in results if s == 200]
-    latencies = np.array([t for _, t, _ in ok]) * 1000 if ok else np.array([np.nan])
+    return outcomes, time.perf_counter() - start
+
+
+def percentile_ms(values: list[float], q: float) -> float | None:
+    return round(1000 * float(np.percentile(values, q)), 2) if values else None
+
+
+def row(model: str, path: str, concurrency: int, outcomes: list[Outcome], wall: float, rss: tuple) -> dict:
+    ok = [o for o in outcomes if o.ok]
+    ttfts = [o.ttft for o in ok if o.ttft is not None]
+    gaps = [g for o in ok for g in o.gaps]
     return {
-        "phase": "load",
-        "endpoint": endpoint,
+        "model": model,
+        "path": path,
         "concurrency": concurrency,
-        "requests": len(results),
+        "requests": len(outcomes),
         "ok": len(ok),
-        "rejected_429": sum(s == 429 for s, _, _ in results),
-        "failures": sum(s not in (200, 429) for s, _, _ in results),
+        "rejected": sum(o.status == 429 for o in outcomes),
+        "failed": sum(not o.ok and o.status != 429 for o in outcomes),
         "seconds": round(wall, 2),
-        "requests_per_s": round(len(ok) / wall, 2),
-        "tokens_per_s": round(sum(n for _, _, n in ok) / wall, 1) if endpoint == "generate" else None,
-        "p50_ms": round(float(np.percentile(latencies, 50)), 1),
-        "p99_ms": round(float(np.percentile(latencies, 99)), 1),
+        "requests_per_s": round(len(ok) / wall, 3),
+        "output_tokens_per_s": round(sum(o.tokens for o in ok) / wall, 1),
+        "prompt_tokens_mean": round(float(np.mean([o.prompt_tokens for o in ok])), 1) if ok else None,
+        "output_tokens_mean": round(float(np.mean([o.tokens for o in ok])), 1) if ok else None,
+        "ttft_p50_ms": percentile_ms(ttfts, 50),
+        "ttft_p99_ms": percentile_ms(ttfts, 99),
+        "itl_p50_ms": percentile_ms(gaps, 50),
+        "itl_p99_ms": percentile_ms(gaps, 99),
+        "rss_mb_before": round(rss[0], 1),
+        "rss_mb_after": round(rss[1], 1),
     }
 
 
-def burst(url: str, token: str, process: subprocess.Popen, args) -> dict:
-    """Twice the server's bound (slots + queue) plus 8 generate requests at once: 429s, no crash."""
-    size = 2 * (args.max_concurrency + args.max_queue) + 8
-    ready = threading.Barrier(size)
+def offline(model: str, package: Path, args) -> dict:
+    """The ceiling: one batch of OFFLINE_BATCH greedy generations in this process (prefill included)."""
+    lm = load_model(package, device=args.device, threads=args.threads)
+    prompt = min(OFFLINE_PROMPT, lm.block_size // 2)  # within the context, as the workload is
+    new = min(OFFLINE_NEW, lm.block_size - prompt)
+    prompts = np.random.default_rng(args.seed).integers(0, lm.tokenizer.get_vocab_size(), (OFFLINE_BATCH, prompt))
 
-    def one(seed: int) -> tuple[int, float, int]:
-        with httpx.Client(headers={"Authorization": f"Bearer {token}"}) as client:
-            ready.wait(timeout=60)
-            return call(client, url, "generate", args, seed)
+    def run(warmup: bool) -> None:
+        lm.generate_batch_ids(prompts.tolist(), 4 if warmup else new, temperature=0.0, stop_at_eos=False)
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(size) as pool:
-        results = list(pool.map(one, range(size)))
-    alive = process.poll() is None and httpx.get(f"{url}/healthz", timeout=10).status_code == 200
-    rejected = [t for s, t, _ in results if s == 429]
+    seconds, _ = timed(run, 1)
+    empty = dict.fromkeys(("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "rss_mb_before", "rss_mb_after"))
     return {
-        "phase": "burst",
-        "endpoint": "generate",
-        "concurrency": size,
-        "requests": size,
-        "ok": sum(s == 200 for s, _, _ in results),
-        "rejected_429": len(rejected),
-        "failures": sum(s not in (200, 429) for s, _, _ in results),
-        "seconds": round(time.perf_counter() - start, 2),
-        "slowest_429_ms": round(max(rejected) * 1000, 1) if rejected else None,
-        "server_alive": alive,
-    }
+        "model": model,
+        "path": "offline",
+        "concurrency": OFFLINE_BATCH,
+        "requests": OFFLINE_BATCH,
+        "ok": OFFLINE_BATCH,
+        "rejected": 0,
+        "failed": 0,
+        "seconds": round(seconds, 2),
+        "requests_per_s": round(OFFLINE_BATCH / seconds, 3),
+        "output_tokens_per_s": round(OFFLINE_BATCH * new / seconds, 1),
+        "prompt_tokens_mean": prompt,
+        "output_tokens_mean": new,
+    } | empty
+
+
+def bench_model(model: str, package: Path, args) -> list[dict]:
+    requests = workload(package, args)
+    rows = [offline(model, package, args)]
+    print(f"{model}: offline {rows[0]['output_tokens_per_s']} tokens/s", flush=True)
+    token = secrets.token_urlsafe(24)
+    for path in args.paths:
+        with server(package, path, token, args) as (url, process):
+            load(url, token, [dataclasses.replace(r, max_tokens=8) for r in requests[:WARMUP_REQUESTS]], 4, args)
+            for concurrency in args.concurrency:
+                before = rss_mb(process.pid)
+                outcomes, wall = load(url, token, requests, concurrency, args)
+                rows.append(row(model, path, concurrency, outcomes, wall, (before, rss_mb(process.pid))))
+                r = rows[-1]
+                print(
+                    f"  {path} x{concurrency}: {r['ok']}/{r['requests']} ok in {r['seconds']} s, "
+                    f"{r['output_tokens_per_s']} tokens/s",
+                    flush=True,
+                )
+    return rows
+
+
+def cell(value: float | None, width: int, digits: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
+
+def print_tables(rows: list[dict]) -> None:
+    head = (
+        f"{'model':10} {'path':11} {'conc':>4} {'reqs':>4} {'rej':>3} {'fail':>4} {'req/s':>7} {'out tok/s':>9} "
+        f"{'TTFT p50':>8} {'p99':>8} {'ITL p50':>7} {'p99':>7} {'RSS MB':>13}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        rss = "" if r["rss_mb_before"] is None else f"{r['rss_mb_before']:.0f}->{r['rss_mb_after']:.0f}"
+        print(
+            f"{r['model']:10} {r['path']:11} {r['concurrency']:>4} {r['requests']:>4} {r['rejected']:>3} "
+            f"{r['failed']:>4} {r['requests_per_s']:>7.2f} {r['output_tokens_per_s']:>9.1f} "
+            f"{cell(r['ttft_p50_ms'], 8, 1)} {cell(r['ttft_p99_ms'], 8, 1)} "
+            f"{cell(r['itl_p50_ms'], 7, 2)} {cell(r['itl_p99_ms'], 7, 2)} {rss:>13}"
+        )
+    print(f"\noutput tokens/s ratios (offline: batch {OFFLINE_BATCH})")
+    by = {(r["model"], r["path"], r["concurrency"]): r["output_tokens_per_s"] for r in rows}
+    for model, concurrency in dict.fromkeys((r["model"], r["concurrency"]) for r in rows if r["path"] == "engine"):
+        engine, per_request = by[model, "engine", concurrency], by.get((model, "per-request", concurrency))
+        vs_per_request = f"{engine / per_request:.2f}x" if per_request else "-"
+        print(
+            f"  {model:10} concurrency {concurrency:>3}: engine / per-request {vs_per_request:>7}, "
+            f"engine / offline {engine / by[model, 'offline', OFFLINE_BATCH]:.2f}x"
+        )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--model",
-        action="append",
-        required=True,
-        help="package directory or models:/ URI (repeat for an LM and a classifier)",
-    )
-    p.add_argument("--requests", type=int, default=200, help="at most this many requests per load phase")
-    p.add_argument("--duration", type=float, default=20.0, help="at most this many seconds per load phase")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--max-concurrency", type=int, default=4, help="the server's (default: %(default)s)")
-    p.add_argument("--max-queue", type=int, default=32, help="the server's (default: %(default)s)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, help="the server's ONNX Runtime threads per model")
-    p.add_argument("--request-timeout", type=float, default=120.0)
+    p.add_argument("--workdir", type=Path, default=Path("gptcore-work"), help="a pipeline work directory")
+    p.add_argument("--models", nargs="+", default=["default", "gpt2-124m"], choices=["default", "gpt2-124m"])
+    p.add_argument("--model", type=Path, help="an LM package to load instead of --models (named after its directory)")
+    p.add_argument("--paths", nargs="+", default=list(BATCHING), choices=list(BATCHING))
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--requests", type=int, default=64, help="requests per phase at most (default: %(default)s)")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds a phase sends requests for at most")
+    p.add_argument("--prompt-tokens", type=int, nargs=2, default=[16, 512], metavar=("MIN", "MAX"))
+    p.add_argument("--max-tokens", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"))
+    p.add_argument("--max-prompt-tokens", type=int, default=512, help="the server's; prompts are cut to it")
+    p.add_argument("--seed", type=int, default=0, help="of the workload")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, help="ONNX Runtime's intra-op threads, the server's and offline")
+    p.add_argument("--max-running", type=int, help="the engine's rows (default: the server's)")
+    p.add_argument("--kv-tokens", type=int, help="the engine's KV budget in slots (default: the server's)")
+    p.add_argument("--max-concurrency", type=int, help="the per-request path's threads (default: the server's)")
+    p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--start-timeout", type=float, default=300.0)
-    p.add_argument("--json", type=Path)
+    p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
 
-    token = secrets.token_urlsafe(24)
-    with server(args.model, token, args) as (url, process):
-        kinds = {m["kind"] for m in httpx.get(f"{url}/readyz", timeout=10).json()["models"]}
-        endpoints = [e for e, kind in (("generate", "lm"), ("classify", "classifier")) if kind in kinds]
-        with httpx.Client(headers={"Authorization": f"Bearer {token}"}) as client:
-            for endpoint in endpoints:  # warm up: first calls pay for allocations
-                for seed in range(3):
-                    call(client, url, endpoint, args, seed)
-        rss_before = rss_mb(process.pid)
-        rows = [load(url, token, endpoint, c, args) for c in args.concurrency for endpoint in endpoints]
-        rss_after_load = rss_mb(process.pid)
-        if "generate" in endpoints:
-            rows.append(burst(url, token, process, args))
-        rss_after = rss_mb(process.pid)
-
-    print(
-        f"{'phase':6} {'endpoint':9} {'conc':>4} {'reqs':>5} {'ok':>5} {'429':>4} {'fail':>4} {'req/s':>7} "
-        f"{'tok/s':>7} {'p50 ms':>7} {'p99 ms':>7}"
-    )
-    for r in rows:
-        cells = [("" if r.get(k) is None else r[k]) for k in ("requests_per_s", "tokens_per_s", "p50_ms", "p99_ms")]
-        print(
-            f"{r['phase']:6} {r['endpoint']:9} {r['concurrency']:>4} {r['requests']:>5} {r['ok']:>5} "
-            f"{r['rejected_429']:>4} {r['failures']:>4} " + " ".join(f"{c:>7}" for c in cells)
-        )
-    burst_row = next((r for r in rows if r["phase"] == "burst"), None)
-    if burst_row:
-        print(
-            f"burst: slowest 429 answered in {burst_row['slowest_429_ms']} ms; server alive after: "
-            f"{burst_row['server_alive']}"
-        )
-    print(
-        f"server RSS: {rss_before:.1f} MB after warm-up, {rss_after_load:.1f} MB after the load phases, "
-        f"{rss_after:.1f} MB after the burst"
-    )
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="gptcore-bench-serve-") as tmp:
+        if args.model:
+            packages = {args.model.resolve().name: args.model}
+        else:
+            packages = {name: lm_package(load_source(name, args.workdir), Path(tmp) / name) for name in args.models}
+        for model, package in packages.items():
+            rows += bench_model(model, package, args)
+    print_tables(rows)
     if args.json:
-        write_json(
-            args.json,
-            {
-                "rows": rows,
-                "rss_mb": {"warm": rss_before, "after_load": rss_after_load, "after_burst": rss_after},
-                "models": args.model,
-            },
-        )
-    if any(r["failures"] for r in rows) or (burst_row and not burst_row["server_alive"]):
-        sys.exit("failures under load (see the table)")
+        write_json(args.json, rows)
+    if any(r["failed"] or r["rejected"] for r in rows):
+        sys.exit("requests failed or were refused under load (see the table)")
 
 
 if __name__ == "__main__":
