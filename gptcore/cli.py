@@ -26,6 +26,7 @@ from gptcore.config import PipelineConfig
 from gptcore.errors import ConfigError, GptcoreError
 from gptcore.layout import CLASSIFIER_EVAL, LM_EVAL, SFT_EVAL, Workdir
 from gptcore.presets import PRESETS, load_config
+from gptcore.runtime.serve.limits import add_serve_flags
 from gptcore.tracking import Tracking, load_settings
 
 
@@ -206,25 +207,16 @@ def cmd_score(args, cfg: PipelineConfig) -> None:
 
 
 def cmd_serve(args, cfg: PipelineConfig) -> None:
-    from dataclasses import fields
-
     from gptcore.runtime.serve.app import TOKEN_ENV, serve
-    from gptcore.runtime.serve.requests import ServeConfig, ServeLimits
+    from gptcore.runtime.serve.limits import serve_config
 
     settings = load_settings(args.workdir, args.mlflow_config)
-    limits = ServeLimits(**{f.name: getattr(args, f.name) for f in fields(ServeLimits)})
-    config = ServeConfig(
-        args.model,
-        limits,
-        args.batching,
-        args.device,
-        args.threads,
-        args.variant,
-        args.reload_interval,
-        settings.tracking_uri,
-        settings.registry_uri,
+    serve(
+        serve_config(args, settings.tracking_uri, settings.registry_uri),
+        args.host,
+        args.port,
+        os.environ.get(TOKEN_ENV) or None,
     )
-    serve(config, args.host, args.port, os.environ.get(TOKEN_ENV) or None)
 
 
 def cmd_explain(args, cfg: PipelineConfig) -> None:
@@ -349,43 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve a language model, a chat model and/or a classifier over HTTP, OpenAI-compatible endpoints "
         "included (bearer token from $GPTCORE_SERVE_TOKEN)",
     )
-    p.add_argument(
-        "--model",
-        action="append",
-        required=True,
-        help="models:/NAME@ALIAS (followed as the alias "
-        "moves), models:/NAME/VERSION or a package directory; repeat for an LM, a chat model and a classifier "
-        "(at most one of each)",
-    )
-    p.add_argument(
-        "--host", default="127.0.0.1", help="address to bind; beyond loopback only with a token (default: %(default)s)"
-    )
-    p.add_argument("--port", type=int, default=8000)
+    add_serve_flags(p)
     runtime_flags(p)
-    p.add_argument(
-        "--batching",
-        choices=["continuous", "per-request"],
-        default="continuous",
-        help="continuous: an engine per LM and chat model decodes every request in one batch; per-request: "
-        "each request decodes alone on a model thread, as before the engine (default: %(default)s)",
-    )
-    for flag, default, what in (
-        ("--max-concurrency", 4, "model calls running at once (per-request generation, classification)"),
-        ("--max-queue", 32, "requests waiting for a model call or an engine row; beyond: 429"),
-        ("--max-prompt-tokens", 1024, "tokens of a prompt or a conversation as kept"),
-        ("--max-new-tokens", 256, "tokens a request may ask for"),
-        ("--max-batch", 32, "texts per /v1/classify request"),
-        ("--max-n", 8, "choices per /v1/chat/completions or /v1/completions request, decoded one after another"),
-        ("--max-running", 32, "sequences an engine decodes in one batch"),
-        ("--kv-tokens", 32768, "cache slots (rows x width) an engine's running sequences may reserve"),
-    ):
-        p.add_argument(flag, type=int, default=default, help=f"{what} (default: %(default)s)")
-    p.add_argument(
-        "--reload-interval",
-        type=float,
-        default=30.0,
-        help="seconds between registry polls of a models:/NAME@ALIAS model; 0: never reload (default: %(default)s)",
-    )
     p = verb(
         "explain", cmd_explain, "per-token attributions (integrated gradients) of the torch classifier for one text"
     )

@@ -15,7 +15,7 @@ import pytest
 from gptcore.runtime import load_model
 from gptcore.runtime.chat import MAX_MESSAGES
 from gptcore.runtime.serve.app import create_app
-from gptcore.runtime.serve.requests import ServeConfig, ServeLimits
+from gptcore.runtime.serve.limits import ServeConfig, ServeLimits
 from gptcore.runtime.template import END, USER
 from gptcore.tracking import Tracking, TrackingSettings
 from tests.integration.test_serve import AUTH, PROMPT, TOKEN, metric, running, sse_events, wait_for

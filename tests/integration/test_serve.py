@@ -22,8 +22,8 @@ import pytest
 from gptcore.runtime import load_model
 from gptcore.runtime.serve.admission import Admission, Overloaded
 from gptcore.runtime.serve.app import create_app
+from gptcore.runtime.serve.limits import ServeConfig, ServeLimits
 from gptcore.runtime.serve.models import ServedModels
-from gptcore.runtime.serve.requests import ServeConfig, ServeLimits
 from tests.conftest import REPO
 
 TOKEN = "serve-test-token"

@@ -37,13 +37,13 @@ from starlette.exceptions import HTTPException
 from gptcore.errors import ConfigError, GptcoreError
 from gptcore.runtime.engine import EngineLimits
 from gptcore.runtime.serve.admission import Admission, BodyLimit, Overloaded
+from gptcore.runtime.serve.limits import ServeConfig
 from gptcore.runtime.serve.metrics import Instrument, ServerMetrics
 from gptcore.runtime.serve.models import ServedModels, follows_alias
 from gptcore.runtime.serve.openai_api import add_openai_api
 from gptcore.runtime.serve.requests import (
     OPENAI_PATHS,
     BearerAuth,
-    ServeConfig,
     field_error,
     invalid,
     refusal,

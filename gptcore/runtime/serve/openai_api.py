@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from gptcore.runtime.serve.admission import Admission
+from gptcore.runtime.serve.limits import ServeLimits
 from gptcore.runtime.serve.metrics import ServerMetrics
 from gptcore.runtime.serve.models import Served, ServedModels
 from gptcore.runtime.serve.openai_schema import (
@@ -43,7 +44,7 @@ from gptcore.runtime.serve.openai_schema import (
     refused_value,
     usage,
 )
-from gptcore.runtime.serve.requests import ServeLimits, openai_error
+from gptcore.runtime.serve.requests import openai_error
 from gptcore.runtime.stop import Decoded, check_stops, decoded_text
 
 log = logging.getLogger("gptcore.serve")

@@ -18,8 +18,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
+from gptcore.runtime.serve.limits import ServeLimits
 from gptcore.runtime.serve.models import Served
-from gptcore.runtime.serve.requests import ServeLimits, field_name
+from gptcore.runtime.serve.requests import field_name
 
 # Fields OpenAI defines that this server does not implement, each with the values that ask for
 # nothing (null always does); any other value is refused, naming the field.

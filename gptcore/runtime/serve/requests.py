@@ -6,89 +6,16 @@ OpenAI-compatible paths), and the bearer-token check that runs before a body is 
 # No `from __future__ import annotations`: FastAPI reads the request models' annotations at runtime.
 
 import hmac
-from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from gptcore.errors import ConfigError
-from gptcore.runtime.lm import MAX_BATCH, MAX_NEW_TOKENS
-
-# A prompt or text may hold this many characters per allowed token: a cap on what a request can
-# make the server tokenize, ahead of the exact token count.
-CHARS_PER_TOKEN = 16
-# JSON can spell one character in up to 12 bytes (an escaped surrogate pair), plus the envelope.
-BODY_BYTES_PER_CHAR, BODY_OVERHEAD = 12, 64 * 1024
-MAX_N = 64
-MODEL_KINDS = ("lm", "chat", "classifier")  # a server serves at most one model of each
+from gptcore.runtime.serve.limits import ServeLimits
 
 # The paths that answer as OpenAI's API does (`gptcore.runtime.serve.openai_api`), errors included.
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
 OPENAI_CODES = {401: "invalid_api_key", 413: "request_too_large", 429: "rate_limit_exceeded"}
-
-
-@dataclass(frozen=True)
-class ServeLimits:
-    max_concurrency: int = 4
-    max_queue: int = 32
-    max_prompt_tokens: int = 1024
-    max_new_tokens: int = 256
-    max_batch: int = 32
-    max_n: int = 8  # choices per OpenAI-style request, decoded one after another under one slot
-    max_running: int = 32  # sequences each engine decodes in one batch (--batching continuous)
-    kv_tokens: int = 32768  # cache slots (rows x width) each engine's running sequences may reserve
-
-    def __post_init__(self):
-        bounds = {
-            "max_running": (1, 1024),
-            "kv_tokens": (1, 1 << 24),
-            "max_concurrency": (1, 256),
-            "max_queue": (0, 10_000),
-            "max_prompt_tokens": (1, 16_384),
-            "max_new_tokens": (1, MAX_NEW_TOKENS),
-            "max_batch": (1, MAX_BATCH),
-            "max_n": (1, MAX_N),
-        }
-        for name, (low, high) in bounds.items():
-            value = getattr(self, name)
-            if not low <= value <= high:
-                raise ConfigError(f"--{name.replace('_', '-')}: must be in [{low}, {high}], got {value}")
-
-    @property
-    def max_text_chars(self) -> int:
-        return self.max_prompt_tokens * CHARS_PER_TOKEN
-
-    @property
-    def max_body_bytes(self) -> int:
-        return self.max_batch * self.max_text_chars * BODY_BYTES_PER_CHAR + BODY_OVERHEAD
-
-
-BATCHING = ("continuous", "per-request")
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    models: list[str]
-    limits: ServeLimits = field(default_factory=ServeLimits)
-    batching: str = "continuous"  # an engine per generative model, or each request decoding alone on a thread
-    device: str = "auto"
-    threads: int | None = None
-    variant: str = "auto"
-    reload_interval: float = 30.0  # seconds between registry polls for models:/NAME@ALIAS; 0: never
-    tracking_uri: str | None = None
-    registry_uri: str | None = None
-
-    def __post_init__(self):
-        if not 1 <= len(self.models) <= len(MODEL_KINDS):
-            raise ConfigError(
-                f"--model: give one to {len(MODEL_KINDS)} (at most one language model, one chat model and "
-                f"one classifier), got {len(self.models)}"
-            )
-        if self.batching not in BATCHING:
-            raise ConfigError(f"--batching: must be one of {', '.join(BATCHING)}, got {self.batching!r}")
-        if self.reload_interval < 0:
-            raise ConfigError(f"--reload-interval: must be >= 0 seconds, got {self.reload_interval}")
 
 
 def request_models(limits: ServeLimits) -> tuple[type[BaseModel], type[BaseModel]]:
