@@ -110,11 +110,9 @@ def lm_package(src: Source, out: Path, fixed_cache: bool = True) -> Path:
 
 def growing_step(lm, batch: int, context: int) -> Callable[[], None]:
     """One step on the growing graph: a past of context - 1 positions, concatenated into a present of context."""
-    import onnxruntime as ort
-
     cache = GrowingCache(lm, batch, context)
     zeros = np.zeros(batch * lm.n_head * context * lm.head_dim, dtype=lm.cache_dtype)
-    for buffer in (b for pair in cache.buffers for b in pair):  # allocated uninitialised: NaNs would time oddly
+    for buffer in (b for pair in cache.buffers for b in pair):  # uninitialised: NaNs or denormals would run slow
         buffer.update_inplace(zeros)
     cache.past = context - 1
     feed = {
@@ -123,7 +121,7 @@ def growing_step(lm, batch: int, context: int) -> Callable[[], None]:
         "attention_mask": np.ones((batch, context), dtype=np.int64),
         "logit_positions": np.zeros((batch, 1), dtype=np.int64),
     }
-    binding: ort.IOBinding = lm.session.io_binding()
+    binding = lm.session.io_binding()
 
     def step() -> None:
         binding.clear_binding_inputs()
@@ -147,15 +145,19 @@ def in_place_step(lm, batch: int, context: int) -> Callable[[], None]:
     return lambda: decode.run(0, ids, positions)
 
 
-def median_ms(step: Callable[[], None], steps: int) -> float:
-    for _ in range(WARMUP_STEPS):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+def median_ms(steps: dict[str, Callable[[], None]], n: int) -> dict[str, float]:
+    """Each step's median time in ms over `n` timed calls, the steps taking turns: drift in the
+    machine's speed (other work on a shared CPU) then hits every step alike."""
+    for step in steps.values():
+        for _ in range(WARMUP_STEPS):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(n):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 def bench_model(src: Source, out: Path, device: str, threads: int | None, batches: list[int], steps: int) -> list[dict]:
@@ -169,8 +171,7 @@ def bench_model(src: Source, out: Path, device: str, threads: int | None, batche
     rows = []
     for batch in batches:
         for context in contexts:
-            # both layouts at one point back to back, so drift in the machine's speed hits both alike
-            ms = {cache: median_ms(makers[cache](lm, batch, context), steps) for cache, lm in lms.items()}
+            ms = median_ms({cache: makers[cache](lm, batch, context) for cache, lm in lms.items()}, steps)
             for cache, value in ms.items():
                 rows.append(
                     {

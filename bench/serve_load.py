@@ -9,27 +9,26 @@ both against the offline ceiling of the same graph.
 Models: `default`, the LM of a pipeline work directory (`gptcore pipeline --workdir DIR` first),
 and `gpt2-124m`, GPT-2 small's shape with random weights; both exported here, fp32, as
 `kv_cache.py` exports them. For each model:
-- offline: `generate_batch_ids` on 16 prompts of 128 tokens, 128 new each, greedy, in this
-  process before any server starts: the tokens/s the graph gives when nothing but decoding runs;
+- offline: `generate_batch_ids` on 16 prompts of 128 tokens, 128 new each (both cut to fit the
+  context), greedy, in this process before any server starts: decoding and nothing else;
 - for each path (`--batching continuous`, `--batching per-request`), a server of its own, and
   for each concurrency a load phase: that many clients, each sending its next request when the
   last has ended, until `--requests` were sent or `--duration` seconds passed (requests then in
-  flight finish). Every phase sends the same seeded mixed workload: prompts of 16-512 tokens
-  (random token ids decoded to text with the package's tokenizer) asking for 32-128 tokens, both
-  cut where the model's context could not hold them (see `workload`), sampled (temperature 0.8,
-  top-k 50) with a seed per request, so both paths generate the same tokens.
+  flight finish). Every phase sends the same seeded workload: prompts of 16-512 tokens (random
+  token ids decoded with the package's tokenizer) asking for 32-128 tokens, both cut to fit the
+  context (see `workload`), sampled (temperature 0.8, top-k 50) with a seed per request.
 
-Requests stream (/v1/generate, "stream": true): time to first token (TTFT) is from sending the
-request to its first text event, inter-token latency (ITL) the gap between successive text
+Requests stream (/v1/generate, "stream": true): time to first token (TTFT) runs from sending the
+request to its first text event, inter-token latency (ITL) is the gap between successive text
 events (an event holds a token, or a few when a character spans tokens). Rows: requests/s and
 output tokens/s over the phase's wall time, TTFT and ITL p50/p99, requests refused with 429
-(`rejected`) and those that failed otherwise (`failed`: any other status, a broken stream), the
-server's resident memory before and after the phase. The server's queue is sized so that no
-request of a phase needs to be refused: any 429 says something is wrong.
+(`rejected`) and those that failed otherwise (`failed`: another status, a broken stream), the
+server's resident memory before and after. The server's queue is sized so that no request of a
+phase needs refusing: any 429 says something is wrong.
 
 The server runs as a subprocess on a free loopback port with a fresh bearer token; its log's path
 is printed. On a 2-core CPU the clients share the cores with the server: compare paths measured
-in one run, on one machine, not figures from elsewhere.
+in one run, on one machine.
 """
 
 from __future__ import annotations
@@ -181,9 +180,13 @@ def server(package: Path, path: str, token: str, args) -> Iterator[tuple[str, su
             if time.monotonic() > deadline:
                 sys.exit(f"the server was not ready within {args.start_timeout} s:\n{log.read_text()}")
             with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                ready = httpx.get(f"{url}/readyz", timeout=5)
+                if ready.status_code == 200:
                     break
             time.sleep(0.2)
+        batching = {m.get("batching") for m in ready.json()["models"]}
+        if batching != {BATCHING[path]}:  # a flag the server ignored would compare a path with itself
+            sys.exit(f"asked the server for --batching {BATCHING[path]}; /readyz says {batching}")
         yield url, process
     finally:
         process.send_signal(signal.SIGTERM)

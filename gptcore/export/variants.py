@@ -11,7 +11,10 @@ targets the same ONNX Runtime contrib ops), and they also fuse attention:
     tanh-approximated GELU -> com.microsoft.FastGelu
 
 Fusion only happens where a subgraph matches a rule exactly, so a model change can lose it
-without any error: `fused_op_counts` reads the counts back, and a test pins them.
+without any error: `fused_op_counts` reads the counts back, and a test pins them. The fusion
+hands MultiHeadAttention its keys and values as (B, S, C), so for a cache written in place it
+transposes the whole (B, H, W, D) buffer every step; `attend_over_cache` gives MultiHeadAttention
+the buffer itself instead (its 4-D BNSH form), and a decode step then copies nothing.
 
 Variants, each a file of its own in the package:
     fp32  model.onnx       the optimised graph; must match PyTorch (the export's parity gate)
@@ -50,7 +53,51 @@ def optimize_graph(src: str | Path, dst: str | Path) -> dict[str, int]:
     model = ir.load(str(src))
     model, applied = optimize_for_ort(model)
     ir.save(model, str(dst))
+    applied["attend_over_cache"] = attend_over_cache(dst)
     return {rule: n for rule, n in applied.items() if n}
+
+
+def attend_over_cache(path: str | Path) -> int:
+    """Feed each MultiHeadAttention the cache buffer written in place (B, H, W, D) as its key and
+    value, where the fusion feeds it Reshape(Transpose(buffer)) as (B, W, C): the same numbers,
+    without a copy of the buffer. Rewrites `path`; returns the inputs rewired."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph, outputs = model.graph, {o.name for o in model.graph.output}
+    producer = {out: node for node in graph.node for out in node.output}
+    rewired = 0
+    for node in graph.node:
+        if node.op_type != "MultiHeadAttention":
+            continue
+        for i in (1, 2):  # key, value
+            reshape = producer.get(node.input[i])
+            transpose = producer.get(reshape.input[0]) if reshape is not None and reshape.op_type == "Reshape" else None
+            if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in outputs:
+                continue
+            written = producer.get(transpose.input[0])
+            perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
+            if written is not None and written.op_type == "ScatterElements" and perm == [0, 2, 1, 3]:
+                node.input[i] = transpose.input[0]
+                rewired += 1
+    if rewired:
+        drop_unused(graph)
+        onnx.save(model, str(path))
+    return rewired
+
+
+def drop_unused(graph) -> None:
+    """Remove the nodes and initializers nothing reads any more (the transposes bypassed)."""
+    while True:
+        read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        unused = [node for node in graph.node if not any(out in read for out in node.output)]
+        if not unused:
+            break
+        for node in unused:
+            graph.node.remove(node)
+    read = {name for node in graph.node for name in node.input}
+    for init in [init for init in graph.initializer if init.name not in read]:
+        graph.initializer.remove(init)
 
 
 def fused_op_counts(path: str | Path) -> dict[str, int]:

@@ -143,6 +143,14 @@ def test_graph_keeps_its_fused_ops(package, request):
         assert fused_op_counts(Path(result.package_dir) / variant) == expected, variant
     meta = json.loads((Path(result.package_dir) / "gptcore_model.json").read_text())
     assert meta["fused_ops"] == expected and meta["fusions"]["sdpa"] == n_layer
+    if result.kind == "lm":  # attention reads the cache buffers themselves: no node copies them
+        import onnx
+
+        assert meta["fusions"]["attend_over_cache"] == 2 * n_layer
+        graph = onnx.load(str(Path(result.package_dir) / "model.onnx")).graph
+        cache = {o.name for o in graph.output if o.name.startswith("present_")}
+        readers = {node.op_type for node in graph.node if cache & set(node.input)}
+        assert readers == {"MultiHeadAttention"}, readers
 
 
 @pytest.mark.parametrize("package", ["lm_package", "classifier_package"])
