@@ -165,13 +165,13 @@ class Engine:
         for seq, generation in list(self.running.items()):
             if generation.cancelled.is_set():
                 self.end(seq, "cancelled")
-        budget = self.limits.prefill_chunk
+        budget = self.limits.prefill_chunk  # prompt tokens this step: one chunk's worth
         while budget > 0:
             if self.batch.filling is None and not self.admit():
                 break
             seq = self.batch.filling
             budget -= self.batch.fill(budget)
-            if self.batch.filling is seq:  # its next chunk waits for the next step
+            if seq is not None and self.batch.filling is seq:  # its next chunk does not fit: the next step
                 break
         decoded = self.batch.decode()
         now = time.perf_counter()
