@@ -34,13 +34,13 @@ class Sequence:
 
     tokens: list[int]  # the prompt, then each token generated (a stop id is not kept)
     max_new_tokens: int
+    block_size: int  # the model's context: a window holds at most this many tokens
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
     stop_ids: frozenset[int] = frozenset()  # ids that end it; empty: always max_new_tokens
-    block_size: int = 0  # set by DecodeBatch.start
-    start: int = 0  # tokens[start:] is the window; slot p of its row holds tokens[start + p]
+    start: int = field(init=False)  # tokens[start:] is the window; slot p of its row holds tokens[start + p]
     cached: int = 0  # slots written
     new: int = 0  # tokens sampled, a final stop id included
     finish: str | None = None  # "stop", "length", or why it was ended early ("cancelled", "error")
@@ -49,6 +49,7 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
+        self.start = max(0, len(self.tokens) - self.block_size)  # a longer prompt keeps its last window
 
     @property
     def pending(self) -> int:
@@ -87,9 +88,7 @@ class DecodeBatch:
 
     def start(self, seq: Sequence) -> None:
         """Begin filling `seq` (the one being filled, if any, must have joined the decoding rows)."""
-        assert self.filling is None and len(self.decoding) < self.max_rows
-        seq.block_size = self.lm.block_size
-        seq.start, seq.cached = max(0, len(seq.tokens) - self.lm.block_size), 0
+        assert self.filling is None and len(self.decoding) < self.max_rows and seq.cached == 0
         self.filling = seq
         self.join_if_filled()
 

@@ -118,7 +118,8 @@ class Engine:
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         self.lm.check_ids(prompt_ids)
         stops = frozenset(self.lm.stop_ids if stop_at_eos else ())
-        generation = Generation(Sequence(list(prompt_ids), max_new_tokens, temperature, top_k, top_p, seed, stops))
+        seq = Sequence(list(prompt_ids), max_new_tokens, self.lm.block_size, temperature, top_k, top_p, seed, stops)
+        generation = Generation(seq)
         with self.wake:
             if self.closed:
                 raise EngineFull(f"the {self.name} engine is closed")
@@ -205,7 +206,6 @@ class Engine:
                 return False
             generation = self.waiting[0]
             seq = generation.seq
-            seq.block_size, seq.start = self.lm.block_size, max(0, len(seq.tokens) - self.lm.block_size)
             if self.running and self.reserved(seq) > self.limits.kv_tokens:
                 return False  # it waits for running sequences to end (alone, it is always admitted)
             self.waiting.popleft()

@@ -129,7 +129,7 @@ class OnnxLM:
         row_of = {}
         for i, prompt in enumerate(prompts):
             seed_i = None if seed is None else seed + i
-            seq = Sequence(list(prompt), max_new_tokens, temperature, top_k, top_p, seed_i, stop_ids)
+            seq = Sequence(list(prompt), max_new_tokens, self.block_size, temperature, top_k, top_p, seed_i, stop_ids)
             row_of[seq] = i
             batch.start(seq)
             batch.fill()
