@@ -43,10 +43,6 @@ class SlotCache:
     def row_bytes(self) -> int:
         return self.lm.n_head * self.width * self.lm.head_dim * np.dtype(self.lm.cache_dtype).itemsize
 
-    @property
-    def nbytes(self) -> int:
-        return self.rows * self.row_bytes * len(self.lm.cache_in)
-
     def host(self, i: int) -> np.ndarray:
         return self.buffers[i] if self.on_cpu else self.buffers[i].numpy()
 
