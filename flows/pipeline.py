@@ -15,6 +15,9 @@ a nested run per stage. With no Prefect server configured, Prefect starts a temp
 A run that failed resumes where it stopped: run it again with the same inputs and each stage
 that completed before is skipped, its result read back from WORKDIR/.prefect-results, as long as
 its inputs, config, code and outputs are unchanged (`flows.stage_cache`); `fresh` runs them all.
+
+A run holds the work directory's lock (`gptcore.locks`) from start to end: a second pipeline, or
+a stage verb run by hand, on the same work directory is refused at once, naming this flow run.
 """
 
 from __future__ import annotations
@@ -46,7 +49,9 @@ from flows.tasks import (
     tokenizer_task,
 )
 from gptcore.data.availability import CHAT, CLASSIFIER, SCORE, optional_stages
+from gptcore.errors import redact
 from gptcore.layout import Workdir
+from gptcore.locks import workdir_lock
 from gptcore.presets import load_config
 from gptcore.tracking import Tracking, load_settings, stage_run
 
@@ -96,7 +101,10 @@ def pipeline_flow(
 
     Stages an earlier run completed with the same inputs are reused, unless `fresh`.
     """
-    with gptcore_logs_to_prefect(), stage_cache(workdir, fresh):
+    from prefect.runtime import flow_run
+
+    holder = f"gptcore-pipeline flow run {flow_run.name} ({flow_run.id})"
+    with gptcore_logs_to_prefect(), workdir_lock(workdir, holder), stage_cache(workdir, fresh):
         return _pipeline(preset, config_path, workdir, mlflow_config)
 
 
@@ -109,7 +117,7 @@ def _pipeline(preset: str, config_path: str | None, workdir: str, mlflow_config:
     w = Workdir(workdir)
     settings = load_settings(w.root, mlflow_config)
     with stage_run(Tracking(settings), "pipeline", tags={"gptcore.preset": preset}) as parent:
-        _MLFLOW_RUNS[str(flow_run.id)] = (parent.run_id, settings.tracking_uri)
+        _MLFLOW_RUNS[str(flow_run.id)] = (parent.run_id, redact(settings.tracking_uri))
         parent.log_params(cfg.to_dict())
         t = Tracking(settings, parent.run_id)
         data = ingest_task(cfg.ingest, w.data, t)

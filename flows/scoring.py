@@ -7,6 +7,12 @@ predictions drifted from the model's test-set predictions (a PSI above the thres
 publishes `gptcore-drift` and ends in the Completed-type state named DriftWarning, so it stands
 out in the UI and in automations without counting as a failure.
 
+The alias in `model_uri` is resolved once per run, to the version that scores it; that version
+is in the artifacts' descriptions, the flow's result (`model_version`) and the MLflow run's tags.
+A run onto an output another run is writing fails at once, naming that run (`gptcore.locks`);
+the deployment's concurrency limit (deploy/prefect.yaml) queues an hourly run behind a slow one
+instead.
+
 Deployment entrypoint: flows/scoring.py:scoring_flow.
 """
 
@@ -46,10 +52,11 @@ def scoring_flow(
         cfg = ScoreConfig() if drift_threshold is None else ScoreConfig(drift_threshold=drift_threshold)
         tracking = Tracking(load_settings(workdir, mlflow_config))
         result = score_task(model_uri, input_path, output_path, text_field, tracking, cfg)
+    model = model_uri if result.model_version is None else f"{model_uri} (v{result.model_version})"
     create_markdown_artifact(
         scoring_markdown(result),
         key="gptcore-scoring",
-        description=f"gptcore scoring: {result.rows} rows with {model_uri}",
+        description=f"gptcore scoring: {result.rows} rows with {model}",
     )
     summary = asdict(result)
     if not result.drift_warning:
@@ -61,6 +68,6 @@ def scoring_flow(
     )
     get_run_logger().warning("%s", message)
     create_markdown_artifact(
-        drift_markdown(result), key="gptcore-drift", description=f"gptcore drift warning: {model_uri} on {input_path}"
+        drift_markdown(result), key="gptcore-drift", description=f"gptcore drift warning: {model} on {input_path}"
     )
     return Completed(name=DRIFT_STATE, message=message, data=summary)

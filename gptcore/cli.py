@@ -10,12 +10,15 @@
     gptcore serve --model URI [--model URI ...] [--host H] [--port P]   HTTP API (token: $GPTCORE_SERVE_TOKEN)
 
 Stage verbs read and write the standard places inside --workdir (see gptcore/layout.py), so
-`gptcore ingest && gptcore tokenizer && gptcore pretrain ...` is the pipeline by hand.
+`gptcore ingest && gptcore tokenizer && gptcore pretrain ...` is the pipeline by hand. Each holds
+the work directory's lock while it runs (`gptcore.locks`), as the pipeline flow does: a stage run
+beside a flow, or beside another stage, on the same work directory is refused, naming the holder.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +28,7 @@ from collections.abc import Callable
 from gptcore.config import PipelineConfig
 from gptcore.errors import ConfigError, GptcoreError
 from gptcore.layout import CLASSIFIER_EVAL, LM_EVAL, SFT_EVAL, Workdir
+from gptcore.locks import refuse_if_held, workdir_lock
 from gptcore.presets import PRESETS, load_config
 from gptcore.runtime.serve.limits import add_serve_flags
 from gptcore.tracking import Tracking, load_settings
@@ -43,6 +47,7 @@ def _print(result) -> None:
 
 
 def cmd_pipeline(args, cfg: PipelineConfig) -> None:
+    refuse_if_held(args.workdir)  # at once, before Prefect is imported and its server started; the flow holds it
     from flows.pipeline import run_pipeline
 
     run_pipeline(args.preset, args.config, args.workdir, args.mlflow_config, fresh=args.fresh)
@@ -370,12 +375,23 @@ def console_logging() -> None:
     logger.propagate = False  # Prefect's console handler on the root logger would print each line again
 
 
+# The verbs that write the work directory; `pipeline` is locked by its flow.
+WORKDIR_VERBS = ("ingest", "tokenizer", "pretrain", "finetune", "sft", "evaluate", "export", "register")
+
+
+def writes_workdir(args) -> bool:
+    if args.verb not in WORKDIR_VERBS or (args.verb == "pretrain" and "WORLD_SIZE" in os.environ):
+        return False  # a rank torchrun started (as in cmd_pretrain): the launching command holds the lock
+    return not (args.verb == "evaluate" and (args.model or args.data))  # versions on a file: writes --output only
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console_logging()
     try:
         cfg = load_config(args.config, args.preset)  # validated here, before any work starts
-        args.fn(args, cfg)
+        with workdir_lock(args.workdir, f"gptcore {args.verb}") if writes_workdir(args) else contextlib.nullcontext():
+            args.fn(args, cfg)
     except GptcoreError as e:
         print(f"gptcore {args.verb}: error: {e}", file=sys.stderr)
         return 2

@@ -109,12 +109,16 @@ def sqlite_tracking(root: Path) -> Tracking:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Every integration test is `slow`; a `gpu` test is skipped, saying why, where there is no CUDA GPU."""
+    """Every integration test is `slow`, every test under tests/faults is `faults`; a `gpu` test is
+    skipped, saying why, where there is no CUDA GPU."""
     integration = Path(__file__).parent / "integration"
+    faults = Path(__file__).parent / "faults"
     no_gpu = None
     for item in items:
         if integration in Path(item.fspath).parents:
             item.add_marker(pytest.mark.slow)
+        if faults in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.faults)
         if item.get_closest_marker("gpu") is not None:
             if no_gpu is None:
                 no_gpu = cuda_unavailable()

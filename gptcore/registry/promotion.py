@@ -7,6 +7,13 @@ test metric. On demand (`promote_version`, the `promote-version` deployment), a 
 version is evaluated beside the champion on a labelled file (`gptcore.registry.compare`) and
 promoted only if it passes the same gate there. Either way `apply_decision` moves the alias and
 tags both versions with the decision, its figures and its reason.
+
+The alias is moved by compare-and-set: `apply_decision` reads it again just before acting, and if
+another promotion or registration moved it since the decision's champion was read, it changes
+nothing and raises `AliasMovedError` naming where it points now (the decision was made against a
+version that is no longer the champion). MLflow has no atomic compare-and-set on an alias, so a
+window remains between that read and the write: one registry round trip (milliseconds), where
+before it was the whole evaluation (seconds at registration, minutes for `promote_version`).
 """
 
 from __future__ import annotations
@@ -18,13 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptcore.config import RegistryConfig
-from gptcore.errors import InputError
+from gptcore.errors import GptcoreError, InputError
 from gptcore.layout import CHAMPION, PREDICTIONS_TAG
 from gptcore.registry.compare import evaluate_versions
 from gptcore.registry.gates import GateDecision, classifier_gate
 from gptcore.tracking import Tracking
 
 log = logging.getLogger("gptcore.registry")
+
+
+class AliasMovedError(GptcoreError):
+    """The champion alias moved while a promotion decided against the version it pointed at."""
 
 
 def beats(value: float, incumbent: float | None, direction: str) -> bool:
@@ -101,9 +112,25 @@ def decide(
     )
 
 
+def _version_of(champion) -> str | None:
+    return None if champion is None else str(champion.version)
+
+
 def apply_decision(client, name: str, version: str, champion, decision: GateDecision) -> None:
     """Give `version` the champion alias if the decision promotes it; the decision goes on record on
-    both versions (the champion's as a `gptcore.challenge.v<version>` tag)."""
+    both versions (the champion's as a `gptcore.challenge.v<version>` tag).
+
+    `champion` is the version the decision was made against: if the alias points elsewhere now,
+    AliasMovedError is raised and nothing is changed.
+    """
+    now = current_champion(client, name)
+    if _version_of(now) != _version_of(champion):
+        expected = "no champion" if champion is None else f"v{champion.version}"
+        moved_to = f"v{now.version}" if now is not None else "no version (the alias was removed)"
+        raise AliasMovedError(
+            f"models:/{name}@{CHAMPION} now points at {moved_to}, not {expected} as when v{version} was judged "
+            f"against it: nothing changed; v{version} is to be judged again, against the champion of now"
+        )
     if decision.promote:
         client.set_registered_model_alias(name, CHAMPION, version)
     client.set_model_version_tag(name, version, "gptcore.promotion", decision.reason)

@@ -43,7 +43,7 @@ from gptcore.layout import (
     TOKENIZER_FILE,
 )
 from gptcore.registry.gates import classifier_gate, lm_gate
-from gptcore.registry.promotion import apply_decision, current_champion, decide
+from gptcore.registry.promotion import AliasMovedError, apply_decision, current_champion, decide
 from gptcore.results import load_export, read_eval
 from gptcore.tracking import Tracking, source_tags, stage_run
 
@@ -64,6 +64,9 @@ EVIDENCE = {
     "chat": ("documents", lm_gate),
     "classifier": ("predictions", classifier_gate),
 }
+# Another registration or promotion moving the champion while this one decides: decide again against
+# the new one, this many times at most.
+DECIDE_ATTEMPTS = 3
 PYFUNC_CODE = Path(__file__).parents[1] / "runtime" / "pyfunc_model.py"
 # What the pyfunc imports, pinned as installed here: gptcore.runtime's needs, never torch. gptcore
 # itself is not among them (it is no index package, and its full requirements bring torch): an
@@ -230,20 +233,27 @@ def register(
             model_id=logged.model_id,
         ).version
         client.set_registered_model_alias(name, CHALLENGER, version)
-        champion = current_champion(client, name)
-        decision = decide(
-            tracking,
-            champion,
-            metric,
-            value,
-            direction,
-            predictions,
-            kept and kept["examples_digest"],
-            gate,
-            paired_gate,
-        )
+        for attempt in range(1, DECIDE_ATTEMPTS + 1):
+            champion = current_champion(client, name)
+            decision = decide(
+                tracking,
+                champion,
+                metric,
+                value,
+                direction,
+                predictions,
+                kept and kept["examples_digest"],
+                gate,
+                paired_gate,
+            )
+            try:
+                apply_decision(client, name, version, champion, decision)
+                break
+            except AliasMovedError as e:
+                if attempt == DECIDE_ATTEMPTS:
+                    raise
+                log.warning("register: %s; deciding again", e)  # deciding costs seconds, not an evaluation
         promoted, reason = decision.promote, decision.reason
-        apply_decision(client, name, version, champion, decision)
         champion_version = version if promoted else champion.version
         run.log_metrics({metric: value, "promoted": float(promoted)})
         run.set_tags({"gptcore.registered_model": f"{name}/{version}", "gptcore.promotion": reason})

@@ -7,6 +7,12 @@ from the registered version's own predictions on its test split (`gptcore.regist
 when a population stability index passes `score.drift_threshold`. The reference is the version's
 scoring reference (each test document read as scoring reads it); a version registered before
 those were kept falls back to its test passages' predictions.
+
+A run resolves an alias (`models:/NAME@champion`) once, to the version it names at the start, and
+uses that version for everything: the package it scores with, the drift reference, the MLflow
+run's tags and the result; an alias moved during the run changes nothing in it. A run holds the
+lock on its output (`gptcore.locks`), so a second run onto the same output is refused instead of
+mixing its rows into the first's.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import numpy as np
 from gptcore.config import ScoreConfig
 from gptcore.errors import InputError
 from gptcore.layout import PREDICTIONS_TAG, SCORING_REFERENCE_TAG
+from gptcore.locks import output_lock
 from gptcore.registry.drift import drift_report, output_stats
 from gptcore.registry.promotion import version_artifact
 from gptcore.results import read_predictions, read_scoring_reference
@@ -37,7 +44,8 @@ log = logging.getLogger("gptcore.score")
 class ScoreResult:
     output_path: str
     rows: int
-    model_uri: str
+    model_uri: str  # as asked for: an alias, a version or a package directory
+    model_version: str | None  # the registered version it resolved to at the start (None: a package directory)
     provider: str
     label_counts: dict[str, int]
     seconds: float
@@ -51,13 +59,27 @@ class ScoreResult:
     drift_warning: bool
 
 
-def drift_reference(model_uri: str, tracking: Tracking | None) -> tuple[np.ndarray, str] | None:
-    """The (N, K) test-set probabilities kept with the registered version `model_uri` names, and
-    what they are: its scoring reference, else its test passages' predictions; None for a package
-    directory or a version registered without either."""
-    if tracking is None or not str(model_uri).startswith("models:/"):
+def resolve_version(model_uri: str, tracking: Tracking | None):
+    """The registered version (an MLflow ModelVersion) `models:/NAME@ALIAS` or `models:/NAME/N` names
+    now; None for a package directory or a runs:/ URI."""
+    if not str(model_uri).startswith("models:/"):
         return None
-    version = model_version(tracking.client(), str(model_uri))
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = tracking.client() if tracking else MlflowClient()  # no settings: MLflow's own, as load_model's
+    try:
+        return model_version(client, str(model_uri))
+    except MlflowException as e:
+        raise InputError(f"{model_uri}: cannot be resolved: {e.message}") from None
+
+
+def drift_reference(version, tracking: Tracking | None) -> tuple[np.ndarray, str] | None:
+    """The (N, K) test-set probabilities kept with the registered `version`, and what they are: its
+    scoring reference, else its test passages' predictions; None without a version (a package
+    directory) or tracking, or for a version registered without either."""
+    if tracking is None or version is None:
+        return None
     what = f"{version.name} v{version.version}"
     with tempfile.TemporaryDirectory() as tmp:
         path = version_artifact(tracking, version, SCORING_REFERENCE_TAG, Path(tmp))
@@ -91,12 +113,31 @@ def score(
     device: str = "auto",
 ) -> ScoreResult:
     """Classify every row of `input_path` (.parquet/.jsonl/.csv) into Parquet at `output_path`,
-    resuming an interrupted run of the same work, and report how the predictions are distributed."""
+    resuming an interrupted run of the same work, and report how the predictions are distributed.
+
+    Raises LockedError, naming the holder, while another run writes `output_path`.
+    """
     cfg = cfg or ScoreConfig()
+    with output_lock(output_path, f"scoring of {input_path} with {model_uri}"):
+        return _score(model_uri, input_path, output_path, text_field, tracking, cfg, device)
+
+
+def _score(
+    model_uri: str,
+    input_path: str | Path,
+    output_path: str | Path,
+    text_field: str,
+    tracking: Tracking | None,
+    cfg: ScoreConfig,
+    device: str,
+) -> ScoreResult:
     start = time.perf_counter()
     settings = tracking.settings if tracking else None
+    version = resolve_version(model_uri, tracking)
+    # The version itself from here on: the alias may move while this run scores.
+    used_uri = model_uri if version is None else f"models:/{version.name}/{version.version}"
     model = load_model(
-        model_uri,
+        used_uri,
         device=device,
         tracking_uri=settings and settings.tracking_uri,
         registry_uri=settings and settings.registry_uri,
@@ -104,13 +145,16 @@ def score(
     if not isinstance(model, OnnxClassifier):
         raise InputError(f"{model_uri}: is a language model; scoring needs a classifier")
     labels = model.labels
-    with stage_run(tracking, "score", tags={"gptcore.model_uri": model_uri}) as run:
+    tags = {"gptcore.model_uri": model_uri}
+    if version is not None:
+        tags |= {"gptcore.model_version": str(version.version), "gptcore.model_version_uri": used_uri}
+    with stage_run(tracking, "score", tags=tags) as run:
         scored = score_file(model, input_path, output_path, text_field, cfg.batch_size, cfg.chunk_rows)
         stats = output_stats(scored.output_path, scored.text_column, labels)
-        reference = drift_reference(model_uri, tracking)
+        reference = drift_reference(version, tracking)
         drift = None
         if reference is None:
-            log.info("score: no drift figures: no test-set predictions of %s to compare with", model_uri)
+            log.info("score: no drift figures: no test-set predictions of %s to compare with", used_uri)
         elif reference[0].shape[1] != len(labels):
             log.warning(
                 "score: no drift figures: the reference (%s) has %d classes, the model %d",
@@ -124,6 +168,7 @@ def score(
             output_path=str(output_path),
             rows=scored.rows,
             model_uri=model_uri,
+            model_version=None if version is None else str(version.version),
             provider=model.provider,
             label_counts=stats["label_counts"],
             seconds=time.perf_counter() - start,
@@ -140,6 +185,7 @@ def score(
             {
                 "input": str(input_path),
                 "output": str(output_path),
+                "model": used_uri,
                 "provider": model.provider,
                 "text_field": text_field,
                 **{f"score.{k}": v for k, v in asdict(cfg).items()},
@@ -165,7 +211,7 @@ def score(
         result.rows,
         input_path,
         output_path,
-        model_uri,
+        model_uri if used_uri == model_uri else f"{model_uri} ({used_uri})",
         model.provider,
         result.seconds,
     )

@@ -67,6 +67,7 @@ def test_scoring_flow_completes_on_the_test_split_and_warns_on_a_shifted_input(
     assert state.is_completed() and state.name == "Completed"
     usual = state.result()
     assert usual["rows"] == pq.read_metadata(test_split).num_rows and not usual["drift_warning"]
+    assert (usual["model_uri"], usual["model_version"]) == ("models:/clf@champion", "1")  # the alias, resolved
     # against the test documents read as scoring reads them: the same population, so next to no drift
     assert (
         usual["drift"]["reference"] == "clf v1's test documents"
@@ -94,6 +95,7 @@ def test_scoring_flow_completes_on_the_test_split_and_warns_on_a_shifted_input(
         [mlflow_tracking.experiment_id()], "tags.`gptcore.stage` = 'score'", order_by=["attributes.start_time ASC"]
     )
     assert [r.data.tags["gptcore.drift_warning"] for r in runs] == ["false", "true"]
+    assert [r.data.tags["gptcore.model_version"] for r in runs] == ["1", "1"]
     metrics = runs[1].data.metrics
     assert metrics["drift_label_psi"] == pytest.approx(drifted["drift"]["label_psi"])
     assert metrics["predicted_share_sea"] == pytest.approx(drifted["label_shares"]["sea"])
