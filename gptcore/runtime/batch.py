@@ -5,7 +5,9 @@ one chunk, never the file. Each chunk's rows and predictions go to their own par
 `<output>.parts/` beside the output, under a manifest naming what the parts were scored from:
 the input's sha256, the model package's digest and precision variant, the text field and the
 chunk size. A run that finds parts under the same manifest keeps them and scores only the
-missing chunks; any other manifest means other work, and the parts are thrown away. When every
+missing chunks; any other manifest means other work, and the parts are thrown away. Each part's
+rows and sha256 are recorded (`parts.jsonl`) when it is written, and a kept part that no longer
+matches its record (truncated, corrupted, replaced) is scored again. When every
 chunk is done the parts are joined into the output (a temporary file, then a rename) and the
 parts directory goes: the output is complete or absent, never half-written.
 
@@ -18,6 +20,7 @@ scoring the same bytes.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 import time
@@ -29,7 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gptcore.errors import InputError
-from gptcore.fsutil import atomic_file, read_json, sha256_file, write_json
+from gptcore.fsutil import append_jsonl, atomic_file, read_json, sha256_file, write_json
 from gptcore.runtime.classifier import OnnxClassifier
 from gptcore.runtime.tables import TextChunks
 
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gptcore.runtime")
 
 PARTS_FORMAT = 1
+PART_RECORDS = "parts.jsonl"  # a line per part written: its index, rows and sha256
 PROGRESS_SECONDS = 10.0  # at most one progress line this often (and one at the end)
 
 
@@ -145,10 +149,38 @@ def write_part(parts: Path, index: int, table: pa.Table, manifest: dict) -> None
         write_json(parts / "manifest.json", manifest)
     with atomic_file(part_path(parts, index)) as tmp:
         pq.write_table(table, tmp)
+        record = {"part": index, "rows": table.num_rows, "sha256": sha256_file(tmp)}
+    # After the rename: a part without its record (a kill in between) is scored again, never trusted.
+    append_jsonl(parts / PART_RECORDS, record)
 
 
 def part_path(parts: Path, index: int) -> Path:
     return parts / f"part-{index:05d}.parquet"
+
+
+def part_records(parts: Path) -> dict[int, dict]:
+    """{index: the record written with that part}; the latest one where a part was written again."""
+    path = parts / PART_RECORDS
+    records = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+                records[int(record["part"])] = record
+            except (ValueError, KeyError, TypeError):  # a line cut short by a kill or a full disk
+                continue
+    return records
+
+
+def part_problem(parts: Path, index: int, rows: int, record: dict | None) -> str | None:
+    """Why the kept part `index` cannot stand for its chunk of `rows` rows (None: it can)."""
+    if record is None:
+        return "has no record of what was written"
+    if record.get("rows") != rows:
+        return f"was recorded with {record.get('rows')} rows, the chunk has {rows}"
+    if sha256_file(part_path(parts, index)) != record.get("sha256"):
+        return "does not match the checksum recorded when it was written"
+    return None
 
 
 def assemble(parts: Path, count: int, output_path: Path, added: list[str]) -> int:
@@ -222,16 +254,19 @@ def score_file(
             "score: resuming: %d chunks of %d rows scored by an earlier run are kept (%s)", kept, chunk_rows, parts
         )
     added, announced = output_columns(model.labels), set()
-    progress = Progress(chunks)
+    progress, records = Progress(chunks), part_records(parts) if kept else {}
     count = skipped = 0
     for index, chunk in enumerate(chunks):
         count += 1
         table = set_aside_clashes(chunk, added, announced)
         text_column = table.column_names[chunk.column_names.index(text_field)]
         if part_path(parts, index).is_file():  # parts appear only complete (atomic_file)
-            skipped += 1
-            progress.advance(chunk.num_rows, scored=False)
-            continue
+            problem = part_problem(parts, index, chunk.num_rows, records.get(index))
+            if problem is None:
+                skipped += 1
+                progress.advance(chunk.num_rows, scored=False)
+                continue
+            log.warning("score: %s %s: scoring chunk %d again", part_path(parts, index), problem, index)
         probs, token_counts = model.predict_with_lengths(chunk.column(text_field).to_pylist(), batch_size)
         for name, values in prediction_columns(model.labels, probs).items():
             table = table.append_column(name, pa.array(values, pa.string() if name == "label" else pa.float64()))

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,7 +23,7 @@ from gptcore.config import TrainConfig
 from gptcore.fsutil import append_jsonl, truncate_jsonl
 from gptcore.layout import BEST_DIR
 from gptcore.tracking import StageRun
-from gptcore.train.checkpoint import latest_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from gptcore.train.checkpoint import resume_point, rng_state, save_checkpoint, set_rng_state
 from gptcore.train.distributed import DistInfo, barrier, gather_to_all, mean_across_ranks
 from gptcore.train.optim import configure_optimizers
 from gptcore.train.parallel import data_parallel
@@ -174,8 +174,9 @@ def fit(
 
     Writes OUT/checkpoints/step_*/ (resumable), OUT/best/ (weights + model.json) and
     OUT/metrics.jsonl (every logged step, readable without MLflow). With `resume`, continues
-    from the latest complete checkpoint in OUT/checkpoints. Under torchrun the model is
-    replicated (DDP) or sharded (FSDP) as cfg.parallelism says; rank 0 alone logs and writes.
+    from the latest readable complete checkpoint in OUT/checkpoints, if it is this run's work
+    (`gptcore.train.checkpoint.resume_point`). Under torchrun the model is replicated (DDP) or
+    sharded (FSDP) as cfg.parallelism says; rank 0 alone logs and writes.
     """
     out_dir = Path(out_dir)
     ckpt_dir, best_dir, metrics_log = out_dir / "checkpoints", out_dir / BEST_DIR, out_dir / "metrics.jsonl"
@@ -199,8 +200,10 @@ def fit(
         "budget_steps": None,
     }
     step = 0
-    if resume and (latest := latest_checkpoint(ckpt_dir)) is not None:
-        weights, saved = read_checkpoint(latest)
+    settings = asdict(cfg)
+    resumed = resume_point(ckpt_dir, name, meta, settings) if resume else None
+    if resumed is not None:
+        latest, weights, saved = resumed
         parallel.load(model, weights, aliases, optimizers.optimizers, saved["optimizers"])
         optimizers.load_scheduler_states(saved["schedulers"])
         batches.load_state_dict(saved["batches"])
@@ -317,6 +320,7 @@ def fit(
                         "batches": batches.state_dict(),
                         "loop": state,
                         "rng": rngs,
+                        "config": settings,  # what a resume checks its own settings against
                     },
                     cfg.keep_checkpoints,
                 )
