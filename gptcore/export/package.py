@@ -25,6 +25,7 @@ import logging
 import warnings
 from pathlib import Path
 
+import onnx
 import torch
 
 from gptcore.config import ExportConfig
@@ -137,6 +138,16 @@ def add_variants(cfg: ExportConfig, tmp: Path, meta: dict, parity_of) -> dict:
     return variants
 
 
+def cache_format(kind: str, graph: Path) -> dict:
+    """The format an LM graph's inputs are of, where it is not FORMAT_VERSION's: a growing cache
+    (`fixed_cache=False`, which the KV-cache benchmark compares) takes the attention mask of format 2,
+    and the runtime refuses a description that does not say so."""
+    if kind == "classifier":
+        return {}
+    inputs = {i.name for i in onnx.load(graph, load_external_data=False).graph.input}
+    return {"format_version": 2} if "attention_mask" in inputs else {}
+
+
 def write_graph(export_graph, tmp: Path, cfg: ExportConfig) -> dict:
     """Export to model.onnx, fused unless export.optimize is off; returns the fusions applied and fused-op counts."""
     target = tmp / VARIANT_FILES["fp32"]
@@ -168,8 +179,9 @@ def write_package(
     """
     with atomic_dir(out_dir) as tmp:
         graph = write_graph(export_graph, tmp, cfg)
+        graph |= cache_format(kind, tmp / VARIANT_FILES["fp32"])
         write_hf_tokenizer_files(tokenizer_json, tmp, gpt.cfg.block_size, chat=kind == "chat")
-        write_json(tmp / PACKAGE_META, package_meta(kind, gpt, tok, model_meta, {}))
+        write_json(tmp / PACKAGE_META, package_meta(kind, gpt, tok, model_meta, {}) | graph)
         meta = package_meta(kind, gpt, tok, model_meta, parity_of("fp32", tmp)) | graph
         meta["variants"] = add_variants(cfg, tmp, meta, parity_of)
         write_json(tmp / PACKAGE_META, meta)

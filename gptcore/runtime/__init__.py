@@ -31,14 +31,16 @@ def load_model(
     gpu_mem_limit: int | None = None,
     tracking_uri: str | None = None,
     registry_uri: str | None = None,
+    download_dir: Path | None = None,
 ) -> OnnxLM | OnnxChat | OnnxClassifier:
     """The model behind a package directory or MLflow URI: an `OnnxLM`, `OnnxChat` or `OnnxClassifier`, by its kind.
 
     device: auto | cuda | cpu; threads: CPU intra-op threads; variant: auto (fp16 on CUDA where
     the package has it, else fp32), fp32, fp16 or int8; device_id and gpu_mem_limit (bytes): the
-    CUDA provider's options.
+    CUDA provider's options; download_dir: where a registry or run URI is downloaded (the caller
+    removes it), else a temporary directory of MLflow's.
     """
-    package = load_package(resolve_model_uri(uri_or_path, tracking_uri, registry_uri))
+    package = load_package(resolve_model_uri(uri_or_path, tracking_uri, registry_uri, download_dir))
     model_class = {"lm": OnnxLM, "chat": OnnxChat, "classifier": OnnxClassifier}[package.kind]
     return model_class(package, SessionOptions(device, threads, device_id, gpu_mem_limit), variant)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from gptcore.errors import InputError
-from gptcore.runtime.package import ModelPackage
+from gptcore.runtime.package import ModelPackage, check_graph
 from gptcore.runtime.session import SessionOptions, make_session, wants_cuda
 
 
@@ -34,6 +34,7 @@ class OnnxClassifier:
         options = options or SessionOptions()
         self.variant = package.choose_variant(variant, wants_cuda(options.device))
         self.session = make_session(package.variant_path(self.variant), options)
+        check_graph(package, self.variant, self.session)
 
     @property
     def labels(self) -> list[str]:

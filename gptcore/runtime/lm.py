@@ -24,7 +24,7 @@ import numpy as np
 from gptcore.errors import InputError
 from gptcore.runtime.batching import DecodeBatch, Sequence, sample
 from gptcore.runtime.kv import GrowingCache
-from gptcore.runtime.package import ModelPackage
+from gptcore.runtime.package import ModelPackage, check_graph
 from gptcore.runtime.session import CUDA, SessionOptions, make_session, wants_cuda
 
 MAX_NEW_TOKENS = 4096
@@ -84,6 +84,7 @@ class OnnxLM:
         self.stop_ids = {self.eos_id}  # the ids that end a generation (a chat model's <|end|> too)
         self.variant = package.choose_variant(variant, wants_cuda(options.device))
         self.session = make_session(package.variant_path(self.variant), options)
+        check_graph(package, self.variant, self.session)  # at load, not as an IndexError mid-request
         self.cache_in = [f"past_{kind}_{i}" for i in range(self.n_layer) for kind in ("key", "value")]
         self.cache_out = [f"present_{kind}_{i}" for i in range(self.n_layer) for kind in ("key", "value")]
         inputs = {i.name: i.type for i in self.session.get_inputs()}

@@ -24,7 +24,9 @@ it runs.
 from __future__ import annotations
 
 import math
+import os
 import uuid
+from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
@@ -45,6 +47,7 @@ from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
 from gptcore.runtime.batch import prediction_columns
 from gptcore.runtime.lm import check_sampling
+from gptcore.runtime.package import path_inside
 from gptcore.runtime.stop import Decoded, check_stops, decoded_text
 
 # setting -> (MLflow type, default): the defaults are `OnnxLM.generate`'s.
@@ -188,10 +191,18 @@ def chat_completion(chat, messages: list[dict[str, Any]], settings: dict[str, An
 
 
 class GptcorePyfunc(mlflow.pyfunc.PythonModel):
+    def __init__(self, model_dir: Path):
+        """`model_dir`: the MLflow model directory, where MLflow runs `pyfunc_model.py` from."""
+        self.model_dir = Path(os.path.realpath(model_dir))
+
     def load_context(self, context) -> None:
         from gptcore.runtime import load_model
 
-        self.model = load_model(context.artifacts["package"])
+        # MLflow joins MLmodel's artifact path to the model directory as it stands: a tampered
+        # MLmodel could point anywhere ("../..", an absolute path) without this.
+        where = f"{self.model_dir / 'MLmodel'}: field 'flavors.python_function.artifacts.package.path'"
+        package = path_inside(self.model_dir, os.path.relpath(context.artifacts["package"], self.model_dir), where)
+        self.model = load_model(package)
 
     # The DataFrame hint tells MLflow the input is a table (checked against the logged signature):
     # a chat request arrives as a one-row table of the chat schema's columns.
