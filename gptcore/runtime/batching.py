@@ -200,11 +200,15 @@ def sample(
     """(B, V) logits -> (B,) next ids. Temperature 0 is greedy: the first maximum on ties, like torch."""
     if temperature == 0:
         return logits.argmax(axis=-1)
-    z = logits.astype(np.float64) / temperature
+    # Shifted to max 0 before dividing: every z is then <= 0, so a tiny temperature takes the rest to
+    # -inf (probability 0), never the maximum to inf (inf - inf: NaN probabilities).
+    z = logits.astype(np.float64)
+    with np.errstate(over="ignore"):  # overflowing to -inf is the point
+        z = (z - z.max(axis=-1, keepdims=True)) / temperature
     if top_k is not None and top_k < z.shape[-1]:
         kth = np.sort(z, axis=-1)[:, -top_k, None]  # (B, 1); ties with the k-th stay in, as in torch
         z = np.where(z < kth, -np.inf, z)
-    probs = np.exp(z - z.max(axis=-1, keepdims=True))
+    probs = np.exp(z)  # the maximum's is 1: the sum is never 0
     probs /= probs.sum(axis=-1, keepdims=True)
     if top_p is not None and top_p < 1:
         order = np.argsort(-probs, axis=-1, kind="stable")

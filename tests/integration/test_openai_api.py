@@ -312,7 +312,7 @@ def test_metrics_count_the_new_endpoints_and_their_tokens(server, client):
         client.completions.create(model="lm", prompt="", max_tokens=2)
     assert metric(server, ok) == before[ok] + 1 and metric(server, bad) == before[bad] + 1
     assert metric(server, tokens) == before[tokens] + answer.usage.completion_tokens
-    ready = httpx.get(f"{server}/readyz").json()["models"]
+    ready = httpx.get(f"{server}/readyz", headers=AUTH).json()["models"]  # names and URIs: with the token
     assert sorted(m["kind"] for m in ready) == ["chat", "classifier", "lm"]
     assert next(m for m in ready if m["kind"] == "chat")["name"] == CHAT
 

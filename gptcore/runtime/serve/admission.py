@@ -83,12 +83,13 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         from fastapi import HTTPException
 
+        from gptcore.runtime.serve.access import route_path
         from gptcore.runtime.serve.requests import refusal
 
         message = f"request body: at most {self.max_bytes} bytes"
         declared = dict(scope["headers"]).get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > self.max_bytes:
-            return await refusal(scope["path"], 413, message)(scope, receive, send)
+            return await refusal(route_path(scope), 413, message)(scope, receive, send)
         seen = 0
 
         async def bounded_receive():

@@ -6,14 +6,15 @@ uvicorn, no torch).
     POST /v1/chat/completions  POST /v1/completions  GET /v1/models   OpenAI-compatible (openai_api.py)
     GET  /healthz (alive)  /readyz (models loaded, which versions)  /metrics (Prometheus text)
 
-/v1/* and /metrics need `Authorization: Bearer $GPTCORE_SERVE_TOKEN`; without a token the server
-binds only to loopback. Every request is bounded before it costs anything: its body size, its
-fields (pydantic, each limit named in the 422), the prompt's tokens, then a slot (the rest get
-429 at once). Generations decode through each model's engine (`--batching continuous`: up to
-max_running sequences in one batch, max_queue more waiting for a row) or alone on a model thread
-(`--batching per-request`: max_concurrency at once, max_queue waiting), classification on a
-model thread. Models load after the server binds (/readyz says 503 until then); a
-`models:/NAME@ALIAS` model follows its alias.
+Every path but /healthz and /readyz needs `Authorization: Bearer $GPTCORE_SERVE_TOKEN`; without a
+token the server binds only to loopback and refuses what a browser's page could send it (access.py),
+and uvicorn runs with deadlines on slow and stalled connections (connections.py). Every request is
+bounded before it costs anything: its body size, its fields (pydantic, each limit named in the
+422), the prompt's tokens, then a slot (the rest get 429 at once). Generations decode through each
+model's engine (`--batching continuous`: up to max_running sequences in one batch, max_queue more
+waiting for a row) or alone on a model thread (`--batching per-request`: max_concurrency at once,
+max_queue waiting), classification on a model thread. Models load after the server binds (/readyz
+says 503 until then); a `models:/NAME@ALIAS` model follows its alias.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the request models (defined in
@@ -29,21 +30,22 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from gptcore.errors import ConfigError, GptcoreError
 from gptcore.runtime.engine import EngineLimits
+from gptcore.runtime.serve.access import AccessControl, bearer_matches, route_path
 from gptcore.runtime.serve.admission import Admission, BodyLimit, Overloaded
-from gptcore.runtime.serve.limits import ServeConfig
+from gptcore.runtime.serve.limits import ServeConfig, ServeLimits
 from gptcore.runtime.serve.metrics import Instrument, ServerMetrics
 from gptcore.runtime.serve.models import ServedModels, follows_alias
 from gptcore.runtime.serve.openai_api import add_openai_api
 from gptcore.runtime.serve.requests import (
+    INTERNAL_ERROR,
     OPENAI_PATHS,
-    BearerAuth,
     field_error,
     invalid,
     refusal,
@@ -54,6 +56,7 @@ from gptcore.runtime.stop import Decoded, decoded_text
 log = logging.getLogger("gptcore.serve")
 
 TOKEN_ENV = "GPTCORE_SERVE_TOKEN"
+MIN_PUBLIC_TOKEN_CHARS = 32  # a token guarding a non-loopback bind: e.g. `openssl rand -hex 24` (48)
 ENDPOINTS = {"/v1/generate", "/v1/classify", *OPENAI_PATHS, "/healthz", "/readyz", "/metrics"}
 
 
@@ -124,7 +127,7 @@ def create_app(
     app = FastAPI(title="gptcore", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.models, app.state.metrics, app.state.load_state = models, metrics, state
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
-    app.add_middleware(BearerAuth, token=token)
+    app.add_middleware(AccessControl, token=token)
     app.add_middleware(Instrument, metrics=metrics, endpoints=ENDPOINTS)  # outermost: counts 401s and 413s too
 
     @app.exception_handler(RequestValidationError)
@@ -133,15 +136,15 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException) -> JSONResponse:
-        return refusal(request.url.path, exc.status_code, exc.detail, exc.headers)
+        return refusal(route_path(request.scope), exc.status_code, exc.detail, exc.headers)
 
     @app.exception_handler(Overloaded)
     async def overloaded(request, exc: Overloaded) -> JSONResponse:
-        return refusal(request.url.path, 429, str(exc), {"Retry-After": "1"})
+        return refusal(route_path(request.scope), 429, str(exc), {"Retry-After": "1"})
 
     @app.exception_handler(Exception)
     async def failed(request, exc: Exception) -> JSONResponse:  # uvicorn logs the traceback
-        return refusal(request.url.path, 500, f"internal error: {type(exc).__name__}")
+        return refusal(route_path(request.scope), 500, INTERNAL_ERROR)
 
     def served(kind: str):
         if not state["ready"]:
@@ -167,10 +170,16 @@ def create_app(
         return {"status": "alive"}
 
     @app.get("/readyz")
-    async def readyz() -> JSONResponse:
+    async def readyz(request: Request) -> JSONResponse:
+        # Open to probes: the load error and the models' URIs (paths, registry names) only with the token.
+        detailed = token is None or bearer_matches(request.scope, token.encode())
         if not state["ready"]:
-            return JSONResponse({"ready": False, "error": state["error"]}, status_code=503)
-        return JSONResponse({"ready": True, "models": models.describe()})
+            error = state["error"] if detailed or state["error"] is None else "the models failed to load (see the log)"
+            return JSONResponse({"ready": False, "error": error}, status_code=503)
+        described = models.describe()
+        if not detailed:
+            described = [{k: v for k, v in m.items() if k not in ("uri", "name")} for m in described]
+        return JSONResponse({"ready": True, "models": described})
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -223,9 +232,9 @@ def create_app(
                         break
                     emit(("piece", piece))
                 emit(("end", decoded.tokens))
-            except Exception as e:
+            except Exception:
                 log.exception("serve: streamed generation failed")
-                emit(("error", f"{type(e).__name__}: {e}"))
+                emit(("error", INTERNAL_ERROR))
             finally:
                 metrics.tokens.inc(decoded.tokens)
 
@@ -280,8 +289,18 @@ def is_loopback(host: str) -> bool:
 
 
 def check_bind(host: str, token: str | None) -> None:
-    """Refuse to expose an unauthenticated server beyond this machine."""
+    """Refuse to expose an unauthenticated server beyond this machine, or to guard one with a token
+    that is easy to guess or that no client would send as set (stray whitespace)."""
     if token:
+        if token != token.strip():
+            raise ConfigError(
+                f"{TOKEN_ENV}: starts or ends with whitespace; clients send the token without it (strip it)"
+            )
+        if not is_loopback(host) and len(token) < MIN_PUBLIC_TOKEN_CHARS:
+            raise ConfigError(
+                f"{TOKEN_ENV}: {len(token)} characters; a server bound to {host} (beyond loopback) needs "
+                f"at least {MIN_PUBLIC_TOKEN_CHARS} (e.g. openssl rand -hex 24)"
+            )
         return
     if not is_loopback(host):
         raise ConfigError(
@@ -305,15 +324,22 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, token:
         server.should_exit = True
 
     app = create_app(config, token, on_load_failure=stop)
-    limits = config.limits
-    # uvicorn's own cap on open connections (beyond it: 503), so bodies being read stay bounded
-    # too; set well above the admission bound, which answers 429 below it.
-    connections = 2 * (limits.max_concurrency + limits.max_queue) + 64
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, host=host, port=port, access_log=False, limit_concurrency=connections, timeout_graceful_shutdown=10
-        )
-    )
+    server = uvicorn.Server(uvicorn_config(app, config.limits, host=host, port=port))
     server.run()
     if app.state.load_state["error"] is not None:
         raise GptcoreError(f"cannot load the models: {app.state.load_state['error']}")
+
+
+def uvicorn_config(app, limits: ServeLimits, **options: Any):
+    """uvicorn's config for `app`: its connections guarded (connections.py) as `limits` say."""
+    import uvicorn
+
+    from gptcore.runtime.serve.connections import ConnectionLimits, protocol_class
+
+    # Requests in progress (beyond: 503), so the bodies being read stay bounded too; well above the
+    # admission bound, which answers 429 below it.
+    max_requests = 2 * (limits.max_concurrency + limits.max_queue) + 64
+    connections = ConnectionLimits(limits.request_timeout, limits.write_timeout, limits.max_connections, max_requests)
+    return uvicorn.Config(
+        app, http=protocol_class(connections), access_log=False, timeout_graceful_shutdown=10, **options
+    )

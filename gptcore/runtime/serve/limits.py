@@ -32,6 +32,9 @@ class ServeLimits:
     max_n: int = 8
     max_running: int = 32
     kv_tokens: int = 32768
+    request_timeout: int = 10
+    write_timeout: int = 30
+    max_connections: int = 1000
 
     def __post_init__(self):
         bounds = {
@@ -43,6 +46,9 @@ class ServeLimits:
             "max_new_tokens": (1, MAX_NEW_TOKENS),
             "max_batch": (1, MAX_BATCH),
             "max_n": (1, MAX_N),
+            "request_timeout": (1, 3600),
+            "write_timeout": (1, 3600),
+            "max_connections": (16, 1_000_000),
         }
         for name, (low, high) in bounds.items():
             value = getattr(self, name)
@@ -94,6 +100,11 @@ LIMIT_HELP = {  # what each of ServeLimits' fields bounds, for its flag
     "max_n": "choices per /v1/chat/completions or /v1/completions request, decoded one after another",
     "max_running": "sequences an engine decodes in one batch",
     "kv_tokens": "cache slots (rows x width) an engine's running sequences may reserve",
+    "request_timeout": "seconds a connection has to send a whole request (headers and body) once it may; "
+    "then it is closed",
+    "write_timeout": "seconds an answer may wait for a client that reads nothing (a stalled stream); "
+    "then the connection is dropped and its generation stopped",
+    "max_connections": "connections open at once; one more closes the one idle longest (keep under ulimit -n)",
 }
 
 

@@ -6,6 +6,8 @@ import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from gptcore.runtime.serve.access import route_path
+
 # Statuses a request is turned away with before (or instead of) a model call, by reason.
 REJECTED = {
     400: "bad_body",
@@ -116,7 +118,8 @@ class Instrument:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        endpoint = scope["path"] if scope["path"] in self.endpoints else "other"
+        path = route_path(scope)
+        endpoint = path if path in self.endpoints else "other"
         status, start = 500, time.perf_counter()
 
         async def send_noting_status(message) -> None:

@@ -44,7 +44,7 @@ from gptcore.runtime.serve.openai_schema import (
     refused_value,
     usage,
 )
-from gptcore.runtime.serve.requests import openai_error
+from gptcore.runtime.serve.requests import INTERNAL_ERROR, openai_error
 from gptcore.runtime.stop import Decoded, check_stops, decoded_text
 
 log = logging.getLogger("gptcore.serve")
@@ -254,9 +254,9 @@ def add_openai_api(
                         emit(("piece", index, piece))
                     emit(("end", index, decoded))
                 emit(("done", None, None))
-            except Exception as e:
+            except Exception:
                 log.exception("serve: streamed completion failed")
-                emit(("error", None, f"{type(e).__name__}: {e}"))
+                emit(("error", None, INTERNAL_ERROR))
             finally:
                 metrics.tokens.inc(sum(d.tokens for d in outcomes))
 

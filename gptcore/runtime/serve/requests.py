@@ -1,11 +1,10 @@
 """What a request to `gptcore serve` may be: the server's limits, the request bodies they bound,
-validation errors as {field, message}, error answers in the shape each path speaks (OpenAI's on the
-OpenAI-compatible paths), and the bearer-token check that runs before a body is read.
+validation errors as {field, message}, and error answers in the shape each path speaks (OpenAI's on
+the OpenAI-compatible paths).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the request models' annotations at runtime.
 
-import hmac
 from typing import Annotated
 
 from fastapi.responses import JSONResponse
@@ -16,6 +15,10 @@ from gptcore.runtime.serve.limits import ServeLimits
 # The paths that answer as OpenAI's API does (`gptcore.runtime.serve.openai_api`), errors included.
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
 OPENAI_CODES = {401: "invalid_api_key", 413: "request_too_large", 429: "rate_limit_exceeded"}
+# What a client learns of a failure inside the server (the log has the traceback): no paths, no exception text.
+INTERNAL_ERROR = "internal error (the server's log has the details)"
+# A top_k past any vocabulary cuts nothing: the bound keeps unbounded integers out of the decode loop.
+MAX_TOP_K = 1 << 24
 
 
 def request_models(limits: ServeLimits) -> tuple[type[BaseModel], type[BaseModel]]:
@@ -27,7 +30,7 @@ def request_models(limits: ServeLimits) -> tuple[type[BaseModel], type[BaseModel
         prompt: str = Field(min_length=1, max_length=limits.max_text_chars)
         max_new_tokens: int = Field(min(64, limits.max_new_tokens), ge=1, le=limits.max_new_tokens)
         temperature: float = Field(1.0, ge=0, allow_inf_nan=False)  # 0: greedy
-        top_k: int | None = Field(None, ge=1)
+        top_k: int | None = Field(None, ge=1, le=MAX_TOP_K)  # more than any vocabulary: no cut
         top_p: float | None = Field(None, gt=0, le=1)
         seed: int | None = Field(None, ge=0, lt=2**64)
         stream: bool = False
@@ -81,27 +84,3 @@ def refusal(path: str, status: int, message: str, headers: dict | None = None) -
 def invalid(fields: list[dict[str, str]]) -> JSONResponse:
     detail = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
     return JSONResponse({"error": f"invalid request: {detail}", "fields": fields}, status_code=422)
-
-
-class BearerAuth:
-    """ASGI middleware: /v1/* and /metrics need `Authorization: Bearer <token>`, checked before the body is read."""
-
-    def __init__(self, app, token: str | None):
-        self.app, self.token = app, token.encode() if token else None
-
-    async def __call__(self, scope, receive, send) -> None:
-        if (
-            self.token is not None
-            and scope["type"] == "http"
-            and (scope["path"].startswith("/v1/") or scope["path"] == "/metrics")
-        ):
-            scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
-                answer = refusal(
-                    scope["path"],
-                    401,
-                    "missing or wrong bearer token: send Authorization: Bearer <token>",
-                    {"WWW-Authenticate": "Bearer"},
-                )
-                return await answer(scope, receive, send)
-        await self.app(scope, receive, send)
