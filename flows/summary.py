@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from gptcore.errors import redact
 from gptcore.registry.drift import CONFIDENCE_BINS
 from gptcore.registry.score import ScoreResult
 from gptcore.tracking import TrackingSettings
@@ -38,7 +39,9 @@ def pipeline_summary(
 ) -> dict[str, Any]:
     """The end-of-run summary: as text, as markdown and as figures. The results of a skipped branch
     are None; its figures are None too, and `skipped` says why it did not run. `chat_versions`, the
-    new chat version's answers beside the champion's, ends the markdown."""
+    new chat version's answers beside the champion's, ends the markdown. The tracking URI appears
+    redacted: the summary is logged, kept as a Prefect artifact and as an MLflow artifact."""
+    tracking_uri = redact(settings.tracking_uri)
     history = chat_eval.history if chat_eval is not None else None
     majority = cls_eval.majority if cls_eval is not None else {}
     headline = {
@@ -147,7 +150,7 @@ def pipeline_summary(
         ("ONNX packages", ", ".join(pkg.package_dir for pkg in (lm_pkg, cls_pkg, chat_pkg) if pkg is not None)),
         *([("scores", f"{scores.output_path} ({scores.rows} rows, {scores.provider})")] if scores is not None else []),
         *[("skipped", reason) for reason in skipped.values() if reason is not None],
-        ("MLflow", f"{settings.tracking_uri} (browse: mlflow ui --backend-store-uri {settings.tracking_uri})"),
+        ("MLflow", f"{tracking_uri} (browse: mlflow ui --backend-store-uri {tracking_uri})"),
     ]
     width = max(len(k) for k, _ in rows)
     text = "gptcore pipeline finished\n" + "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
@@ -157,7 +160,7 @@ def pipeline_summary(
     return {
         "seconds": seconds,
         "workdir": str(workdir),
-        "tracking_uri": settings.tracking_uri,
+        "tracking_uri": tracking_uri,
         "headline": headline,
         "models": models,
         "skipped": {branch: reason for branch, reason in skipped.items() if reason is not None},
@@ -204,7 +207,7 @@ def scoring_markdown(result: ScoreResult) -> str:
     c, chars, tokens = result.confidence, result.input_chars, result.input_tokens
     return (
         f"# Scoring: {result.rows} rows\n\n"
-        f"- model `{result.model_uri}` on {result.provider}; output `{result.output_path}`\n"
+        f"- model `{result.model_uri}` (v{result.model_version}) on {result.provider}; output `{result.output_path}`\n"
         f"- {result.chunks} chunks ({result.chunks_skipped} kept from an interrupted run) "
         f"in {result.seconds:.1f} s\n"
         f"- confidence mean {c['mean']:.3f} (p10 {c['p10']:.3f}, p50 {c['p50']:.3f}, p90 {c['p90']:.3f})\n"

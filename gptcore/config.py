@@ -4,6 +4,10 @@ Every field is documented where it is declared and checked in `__post_init__`; a
 raises `ConfigError` naming the field (`pretrain.lr: must be > 0, got 0`). A YAML or TOML file
 overrides any field of a preset (`gptcore.presets.load_config`). This module imports nothing
 heavy: the CLI and the runtime may read configs without torch.
+
+A config is trusted input, like code: fields that name code (`ingest.filters`, `module:function`)
+import that module and call that function in the process that runs the stage, with its
+permissions. Run only configs you would run as code; never a config from an untrusted source.
 """
 
 from __future__ import annotations
@@ -42,9 +46,16 @@ class IngestConfig:
     """Drop cleaned documents shorter than this (UTF-8 bytes)."""
     max_document_bytes: int = 16_000_000
     """Skip records longer than this while reading (never held whole) and drop longer cleaned documents."""
+    max_row_group_bytes: int = 1 << 30
+    """Refuse a Parquet source's row group whose columns read (the text and metadata fields) exceed
+    this many bytes uncompressed: pyarrow reads a row group whole, and reading one costs up to about
+    4.5 times its size in memory (a 256 MiB row group: 1.1 GiB peak). Rewrite such a file with
+    smaller row groups, or raise this."""
     filters: list[str] = field(default_factory=list)
     """Extra predicates `module:function(text, metadata) -> bool` (False drops), e.g.
-    `gptcore.data.filters:mostly_letters`; language or quality filters plug in here."""
+    `gptcore.data.filters:mostly_letters`; language or quality filters plug in here. Trusted input:
+    each module is imported and each function run in the ingest process, so a config naming
+    filters is code; take one only from a source you would take code from."""
     invalid_utf8: str = "fail"
     """`fail` (error naming the file and byte offset) or `replace` (U+FFFD, counted)."""
     bad_records: str = "fail"
@@ -58,7 +69,7 @@ class IngestConfig:
         check_one_of(self, "invalid_utf8", ("fail", "replace"))
         check_one_of(self, "bad_records", ("fail", "skip"))
         check_within(self, "near_dedup_threshold", 0, 1, low_open=True)
-        check_positive(self, "min_document_bytes", "max_document_bytes")
+        check_positive(self, "min_document_bytes", "max_document_bytes", "max_row_group_bytes")
         check(
             self.min_document_bytes <= self.max_document_bytes,
             "min_document_bytes",

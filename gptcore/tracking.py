@@ -7,6 +7,9 @@ A stage given no `Tracking` logs nothing, so every stage is testable with tracki
 Metrics survive a tracking server outage: while MLflow is unreachable they wait in memory and
 go out with the next call that gets through, or at the end of the stage, which raises only then,
 after the stage has written its outputs (a training stage's checkpoints among them).
+
+A tracking or database URI may carry credentials (`http://user:password@host`, `?token=...`):
+`redact` is the one way such a URI, or a message quoting one, is shown or recorded.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gptcore.errors import ConfigError, GptcoreError
+from gptcore.errors import ConfigError, GptcoreError, redact
 
 log = logging.getLogger("gptcore.tracking")
 
@@ -198,7 +201,7 @@ class StageRun:
                 "%s unreachable (%s: %s): keeping %d metric values of run %s to send later (next try in %.0fs)",
                 self.label,
                 type(e).__name__,
-                e,
+                redact(str(e)),
                 len(self.pending),
                 self.run_id,
                 wait,
@@ -214,7 +217,8 @@ class StageRun:
         if self.enabled and self.pending and not self.send_pending():
             raise TrackingUnavailable(
                 f"{self.label} still unreachable at the end of the stage: {len(self.pending)} metric values of run "
-                f"{self.run_id} are not logged (last error: {type(self.last_error).__name__}: {self.last_error}). "
+                f"{self.run_id} are not logged (last error: {type(self.last_error).__name__}: "
+                f"{redact(str(self.last_error))}). "
                 "The stage's outputs are written (a training stage's metrics.jsonl keeps every logged step)"
             )
 
@@ -277,20 +281,41 @@ def stage_run(tracking: Tracking | None, name: str, tags: Mapping[str, Any] | No
     run_tags = {"gptcore.stage": name, "mlflow.runName": name, **source_tags(), **(tags or {})}
     if tracking.parent_run_id:
         run_tags["mlflow.parentRunId"] = tracking.parent_run_id
-    run = client.create_run(tracking.experiment_id(), run_name=name, tags={k: str(v) for k, v in run_tags.items()})
-    run_id = run.info.run_id
-    log.info("%s: MLflow run %s (%s)", name, run_id, tracking.settings.tracking_uri)
+    shown_uri = redact(tracking.settings.tracking_uri)
     try:
-        stage = StageRun(client, run_id, label=f"{name}: MLflow at {tracking.settings.tracking_uri}")
+        run = client.create_run(tracking.experiment_id(), run_name=name, tags={k: str(v) for k, v in run_tags.items()})
+    except Exception as e:
+        if (safe := _redacted_error(e, f"{name}: MLflow at {shown_uri}")) is not None:
+            raise safe from None
+        raise
+    run_id = run.info.run_id
+    log.info("%s: MLflow run %s (%s)", name, run_id, shown_uri)
+    try:
+        stage = StageRun(client, run_id, label=f"{name}: MLflow at {shown_uri}")
         yield stage
         stage.flush()  # the stage's outputs are written by now: only the metrics can be missing
-    except BaseException:
+    except BaseException as error:
         try:
             client.set_terminated(run_id, status="FAILED")
         except Exception as e:  # MLflow may be the reason the stage failed: keep that error, not this one
-            log.warning("%s: could not mark MLflow run %s FAILED (%s: %s)", name, run_id, type(e).__name__, e)
+            log.warning(
+                "%s: could not mark MLflow run %s FAILED (%s: %s)", name, run_id, type(e).__name__, redact(str(e))
+            )
+        if isinstance(error, Exception) and (safe := _redacted_error(error, stage.label)) is not None:
+            raise safe from None
         raise
     client.set_terminated(run_id, status="FINISHED")
+
+
+def _redacted_error(error: Exception, context: str) -> GptcoreError | None:
+    """The error again with its credentials redacted, when its message quotes some (MLflow's own
+    errors quote the request URL, userinfo and query included); None when there is nothing to hide.
+    Transient stays transient (TrackingUnavailable), so retries still apply."""
+    text = str(error)
+    if redact(text) == text:
+        return None
+    kind = TrackingUnavailable if is_transient(error) else GptcoreError
+    return kind(f"{context}: {type(error).__name__}: {redact(text)}")
 
 
 def source_tags() -> dict[str, str]:

@@ -194,7 +194,13 @@ class Progress:
 def stream_splits(cfg: IngestConfig, tmp: Path, counts: Counter) -> dict[str, dict[str, Any]]:
     """Read, clean, dedup and split every document into tmp/{split}.parquet; return per-split stats."""
     reader = Reader(
-        cfg.text_field, cfg.metadata_fields, cfg.invalid_utf8, cfg.bad_records, cfg.max_document_bytes, cfg.hf_streaming
+        cfg.text_field,
+        cfg.metadata_fields,
+        cfg.invalid_utf8,
+        cfg.bad_records,
+        cfg.max_document_bytes,
+        cfg.hf_streaming,
+        cfg.max_row_group_bytes,
     )
     cleaner = Cleaner(cfg)
     exact, near = ExactDedup(), NearDedup(cfg.near_dedup_threshold) if cfg.near_dedup else None

@@ -2,38 +2,42 @@
 
 Every reader streams: a file is read a line, a row group or a CSV block at a time, and a
 record longer than `max_document_bytes` is skipped (and counted) without being held whole, so
-memory stays bounded whatever the corpus size. What a reader cannot read raises `InputError`
-naming the file and line (or row), `corpus/a.jsonl:12: record has no field 'text'`, unless the
-policy says to skip such records (`bad_records: skip`) or to replace invalid UTF-8
-(`invalid_utf8: replace`); then it is counted in `Reader.counts`.
+memory stays bounded whatever the corpus size. pyarrow reads a Parquet row group whole, so a
+row group over `max_row_group_bytes` is refused rather than read. What a reader cannot read
+raises `InputError` naming the file and line (or row), `corpus/a.jsonl:12: record has no field
+'text'`, unless the policy says to skip such records (`bad_records: skip`) or to replace invalid
+UTF-8 (`invalid_utf8: replace`); then it is counted in `Reader.counts`. A compressed file that
+ends early, and anything in a source that is not a regular file inside it (a FIFO, a device, a
+symlink leading out), is an `InputError` too: never a silently shorter corpus, never a read that
+blocks forever.
 """
 
 from __future__ import annotations
 
-import glob
 import gzip
 import importlib.resources
-import io
 import json
 import logging
-import os
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from gptcore.data.files import FILE_SUFFIXES, expand_paths, file_suffix, open_binary, stable_name
 from gptcore.errors import InputError
 
 log = logging.getLogger("gptcore.data")
 
-FILE_SUFFIXES = (".txt", ".md", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".csv")
 GENRES = ("comedies", "histories", "problems", "roman", "romances", "tragedies")
 SHAKESPEARE_FIELDS = ("genre", "play", "scene")
 _SCHEME = re.compile(r"^([A-Za-z][\w+.-]+):")  # two letters at least: 'C:' is a drive, not a scheme
 _HEADING = re.compile(r"^(#{1,6}) ")
 _JSON_OVERHEAD = 4  # a JSONL line may spell its text with escapes: allow this many bytes per text byte
+CSV_BLOCK_BYTES = 1 << 24  # at least: a CSV row must fit in one block of pyarrow's reader
+PARQUET_BATCH_BYTES = 64 << 20  # the Python objects made from a row group at a time (one row at least)
 
 
 @dataclass
@@ -42,46 +46,6 @@ class Document:
     text: str
     source: str
     metadata: dict[str, Any] = field(default_factory=dict)
-
-
-def file_suffix(path: Path) -> str:
-    """`.jsonl.gz` for a compressed JSONL file, else the last suffix, lower-cased."""
-    name = path.name.lower()
-    return next((s for s in FILE_SUFFIXES if s.count(".") > 1 and name.endswith(s)), path.suffix.lower())
-
-
-def expand_paths(spec: str) -> list[Path]:
-    """A file, a directory (its supported files, recursively) or a glob, in sorted order."""
-    if glob.has_magic(spec):
-        paths = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
-        if not paths:
-            raise InputError(f"source {spec!r}: the glob matches no files")
-        return paths
-    path = Path(spec)
-    if path.is_dir():
-        paths = sorted(p for p in path.rglob("*") if p.is_file() and file_suffix(p) in FILE_SUFFIXES)
-        if not paths:
-            raise InputError(f"source {spec!r}: the directory holds no {'/'.join(FILE_SUFFIXES)} files")
-        return paths
-    if not path.exists():
-        raise InputError(f"source {spec!r}: no such file or directory")
-    return [path]
-
-
-def stable_name(path: Path, spec: str) -> str:
-    """The file's name relative to its source (directory, or a glob's fixed prefix).
-
-    Document ids build on it, and the split hashes ids: the same corpus splits the same way
-    wherever it lies and however its path is spelled.
-    """
-    if glob.has_magic(spec):
-        prefix = re.split(r"[*?\[]", spec, maxsplit=1)[0]  # the part before the first wildcard
-        root = Path(prefix) if prefix.endswith(("/", os.sep)) else Path(prefix).parent
-    elif Path(spec).is_dir():
-        root = Path(spec)
-    else:
-        return path.name
-    return path.resolve().relative_to(root.resolve()).as_posix()
 
 
 def source_kind(spec: str) -> str:
@@ -99,18 +63,6 @@ def source_kind(spec: str) -> str:
     return "files"
 
 
-def open_binary(path: Path) -> BinaryIO:
-    """The file's bytes, decompressed while read for .gz and .zst."""
-    suffix = file_suffix(path)
-    if suffix.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if suffix.endswith(".zst"):
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
-    return open(path, "rb")
-
-
 class Reader:
     """Streams the documents of sources, applying the read policies and counting what they skip."""
 
@@ -122,10 +74,12 @@ class Reader:
         bad_records: str = "fail",
         max_document_bytes: int = 16_000_000,
         hf_streaming: bool = True,
+        max_row_group_bytes: int = 1 << 30,
     ):
         self.text_field, self.metadata_fields = text_field, list(metadata_fields)
         self.invalid_utf8, self.bad_records = invalid_utf8, bad_records
         self.max_document_bytes, self.hf_streaming = max_document_bytes, hf_streaming
+        self.max_row_group_bytes = max_row_group_bytes
         self.counts: Counter[str] = Counter()
 
     def documents(self, sources: list[str]) -> Iterator[Document]:
@@ -205,33 +159,40 @@ class Reader:
 
     def read_jsonl(self, path: Path, key: str) -> Iterator[Document]:
         limit = self.max_document_bytes * _JSON_OVERHEAD + 1024
-        with open_binary(path) as f:
-            offset, lineno = 0, 0
-            while raw := f.readline(limit):
-                lineno += 1
-                where, line_start = f"{path}:{lineno}", offset
-                offset += len(raw)
-                if len(raw) == limit and not raw.endswith(b"\n"):
-                    offset += skip_line(f)  # the rest of an over-long line, a buffer at a time
-                    self.too_long(where, offset - line_start)
-                    continue
-                if lineno == 1:
-                    check_not_binary(raw, path)
-                if not raw.strip():
-                    continue
-                try:
-                    parsed = json.loads(self.decode(raw, where, line_start))
-                except json.JSONDecodeError as e:
-                    self.skip("not_json", where, f"not valid JSON ({e.msg} at column {e.colno})")
-                    continue
-                if (fields := self.record(parsed, where)) is not None:
-                    yield Document(id=f"{key}:{lineno}", text=fields[0], source=str(path), metadata=fields[1])
+        offset, lineno = 0, 0
+        try:
+            with open_binary(path) as f:
+                while raw := f.readline(limit):
+                    lineno += 1
+                    where, line_start = f"{path}:{lineno}", offset
+                    offset += len(raw)
+                    if len(raw) == limit and not raw.endswith(b"\n"):
+                        offset += skip_line(f)  # the rest of an over-long line, a buffer at a time
+                        self.too_long(where, offset - line_start)
+                        continue
+                    if lineno == 1:
+                        check_not_binary(raw, path)
+                    if not raw.strip():
+                        continue
+                    try:
+                        parsed = json.loads(self.decode(raw, where, line_start))
+                    except json.JSONDecodeError as e:
+                        self.skip("not_json", where, f"not valid JSON ({e.msg} at column {e.colno})")
+                        continue
+                    if (fields := self.record(parsed, where)) is not None:
+                        yield Document(id=f"{key}:{lineno}", text=fields[0], source=str(path), metadata=fields[1])
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise InputError(
+                f"{path}:{lineno + 1}: the compressed data is truncated or corrupt ({e}); "
+                "no document of this file is kept"
+            ) from None
 
     def read_parquet(self, path: Path, key: str) -> Iterator[Document]:
         import pyarrow.parquet as pq
 
         try:
-            pfile = pq.ParquetFile(path)
+            # buffer_size: column chunks are read a MiB at a time rather than whole
+            pfile = pq.ParquetFile(path, buffer_size=1 << 20)
         except Exception as e:  # pyarrow raises several types for a file that is not Parquet
             raise InputError(f"{path}: not a readable Parquet file ({e})") from None
         schema = pfile.schema_arrow
@@ -239,9 +200,10 @@ class Reader:
         kind = schema.field(self.text_field).type
         if str(kind) not in ("string", "large_string", "string_view"):
             raise InputError(f"{path}: column {self.text_field!r} holds {kind}, not text (a string column)")
+        columns = [self.text_field, *self.metadata_fields]
         row = 0
-        for batch in pfile.iter_batches(batch_size=1024, columns=[self.text_field, *self.metadata_fields]):
-            for record in batch.to_pylist():
+        for group in range(pfile.num_row_groups):
+            for record in self._row_group_records(pfile, path, group, columns):
                 where = f"{path}: row {row}"
                 text = record[self.text_field]
                 if text is not None and len(text) > self.max_document_bytes:
@@ -250,16 +212,41 @@ class Reader:
                     yield Document(id=f"{key}:{row}", text=fields[0], source=str(path), metadata=fields[1])
                 row += 1
 
+    def _row_group_records(self, pfile, path: Path, group: int, columns: list[str]) -> Iterator[dict]:
+        """The rows of one row group, refused when its columns exceed `max_row_group_bytes` (pyarrow
+        reads a row group whole), in batches of about PARQUET_BATCH_BYTES made into Python objects."""
+        meta = pfile.metadata.row_group(group)
+        names = set(columns)
+        size = sum(
+            meta.column(i).total_uncompressed_size
+            for i in range(meta.num_columns)
+            if meta.column(i).path_in_schema.split(".")[0] in names
+        )
+        if size > self.max_row_group_bytes:
+            raise InputError(
+                f"{path}: row group {group} ({meta.num_rows} rows) holds {size >> 20} MiB "
+                f"of columns {columns}, over ingest.max_row_group_bytes={self.max_row_group_bytes} (a row group is "
+                "read whole): rewrite the file with smaller row groups (pyarrow: write_table(..., row_group_size=N)) "
+                "or raise the limit"
+            )
+        batch_rows = max(1, min(1024, PARQUET_BATCH_BYTES * max(meta.num_rows, 1) // max(size, 1)))
+        for batch in pfile.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns):
+            yield from batch.to_pylist()
+
     def read_csv(self, path: Path, key: str) -> Iterator[Document]:
         import pyarrow as pa
         import pyarrow.csv as pcsv
 
         # Text read as bytes, so invalid UTF-8 is reported (or replaced) with its row, as elsewhere.
+        # A row must fit in one block: room for a document of max_document_bytes with its quotes doubled.
         columns = [self.text_field, *self.metadata_fields]
+        block = min(max(CSV_BLOCK_BYTES, 2 * self.max_document_bytes + (1 << 20)), 1 << 30)
         try:
             reader = pcsv.open_csv(
                 path,
-                read_options=pcsv.ReadOptions(block_size=1 << 24),
+                read_options=pcsv.ReadOptions(block_size=block),
+                # quoted texts may hold line breaks: block boundaries must respect the quotes
+                parse_options=pcsv.ParseOptions(newlines_in_values=True),
                 convert_options=pcsv.ConvertOptions(column_types={self.text_field: pa.binary()}),
             )
         except pa.ArrowInvalid as e:
@@ -279,7 +266,8 @@ class Reader:
                             yield Document(id=f"{key}:{row}", text=fields[0], source=str(path), metadata=fields[1])
                     row += 1
         except pa.ArrowInvalid as e:
-            raise InputError(f"{path}: unreadable CSV after row {row} ({e})") from None
+            hint = f": a row longer than the {block >> 20} MiB read block" if "straddl" in str(e) else ""
+            raise InputError(f"{path}: unreadable CSV after row {row} ({e}){hint}") from None
 
     def check_columns(self, path: Path, columns: list[str]) -> None:
         for name in [self.text_field, *self.metadata_fields]:

@@ -2,7 +2,9 @@
 
 Parquet streams through `ParquetFile.iter_batches`, CSV through pyarrow's streaming reader,
 JSONL line by line, so memory holds one chunk, never the file. Every chunk is checked: the text
-column exists, holds text and no nulls; an error names the file and the row.
+column exists, holds text and no nulls; an error names the file and the row. A record (a JSONL
+line, a CSV row, quoted line breaks and all) may be up to MAX_RECORD_BYTES; a longer one is an
+error naming its line (JSONL) or the rows around it (CSV), read no further than the bound.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ if TYPE_CHECKING:
 
 SUFFIXES = (".parquet", ".jsonl", ".csv")
 CSV_BLOCK_BYTES = 16 << 20  # a streamed CSV's column types are inferred from its first block
+# The longest record read. A CSV row must fit in one block of pyarrow's reader, so it is the
+# block; a JSONL line is held whole while parsed, so it gets the same bound.
+MAX_RECORD_BYTES = CSV_BLOCK_BYTES
+JSON_BLOCK_BYTES = 1 << 20  # pyarrow's default; a block is widened to hold the chunk's longest line
 
 
 class TextChunks:
@@ -33,8 +39,10 @@ class TextChunks:
         self.suffix = self.path.suffix.lower()
         if self.suffix not in SUFFIXES:
             raise InputError(f"{self.path}: unsupported input type {self.suffix!r}; use one of {', '.join(SUFFIXES)}")
-        if not self.path.is_file():
+        if not self.path.exists():
             raise InputError(f"{self.path}: input file not found")
+        if not self.path.is_file():  # a FIFO would block the reader, a device may never end
+            raise InputError(f"{self.path}: not a regular file (a directory, FIFO or device): refused")
         self.size = self.path.stat().st_size
         self.total_rows: int | None = None
         self.rows_read = 0  # rows the reader has handed over, chunked or still pending
@@ -57,14 +65,14 @@ class TextChunks:
                 yield chunk
                 start += chunk.num_rows
         except pa.ArrowException as e:
-            hint = (
-                ""
-                if self.suffix != ".csv"
-                else (
+            hint = ""
+            if self.suffix == ".csv" and "straddl" in str(e):
+                hint = f" (a row longer than {MAX_RECORD_BYTES >> 20} MiB: records up to that are read)"
+            elif self.suffix == ".csv":
+                hint = (
                     f" (a CSV streams with the column types inferred from its first {CSV_BLOCK_BYTES >> 20} MB; "
                     "a column whose values change type later needs the file as Parquet or JSONL)"
                 )
-            )
             raise InputError(
                 f"{self.path}: rows from {start} (counting from 0): cannot be read as {self.suffix[1:]}: {e}{hint}"
             ) from None
@@ -91,6 +99,8 @@ class TextChunks:
             reader = pcsv.open_csv(
                 self._file,
                 read_options=pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                # quoted texts may hold line breaks: block boundaries must respect the quotes
+                parse_options=pcsv.ParseOptions(newlines_in_values=True),
                 convert_options=pcsv.ConvertOptions(column_types={self.text_field: pa.string()}),
             )
             schema, batches = reader.schema, reader
@@ -119,23 +129,26 @@ class TextChunks:
     def _jsonl_chunks(self) -> Iterator[pa.Table]:
         """Each chunk parsed on its own, so a field that is null in early records and text later
         reads as text (pyarrow's streaming JSON reader fixes the types from its first block)."""
-        import io
-
-        import pyarrow.json as pjson
-
         self._file = open(self.path, "rb")  # noqa: SIM115 - closed by __iter__
         lines: list[bytes] = []
-        yielded = False
-        for line in self._file:
+        longest, lineno, yielded = 0, 0, False
+        while line := self._file.readline(MAX_RECORD_BYTES + 1):
+            lineno += 1
+            if len(line) > MAX_RECORD_BYTES:
+                raise InputError(
+                    f"{self.path}: line {lineno}: a record longer than {MAX_RECORD_BYTES >> 20} MiB "
+                    f"(records up to {MAX_RECORD_BYTES >> 20} MiB are read; a longer text needs splitting)"
+                )
             if line.strip():
                 lines.append(line if line.endswith(b"\n") else line + b"\n")
+                longest = max(longest, len(lines[-1]))
             if len(lines) == self.chunk_rows:
                 self.rows_read += len(lines)
-                yield pjson.read_json(io.BytesIO(b"".join(lines)))
-                lines, yielded = [], True
+                yield _parse_jsonl(lines, longest)
+                lines, longest, yielded = [], 0, True
         if lines or not yielded:
             self.rows_read += len(lines)
-            yield pjson.read_json(io.BytesIO(b"".join(lines))) if lines else _empty_text_table(self.text_field)
+            yield _parse_jsonl(lines, longest) if lines else _empty_text_table(self.text_field)
 
     def check_schema(self, schema: pa.Schema) -> None:
         import pyarrow as pa
@@ -162,6 +175,16 @@ def read_table(path: str | Path, text_field: str) -> pa.Table:
     import pyarrow as pa
 
     return pa.concat_tables(TextChunks(path, text_field, 1 << 20), promote_options="permissive")
+
+
+def _parse_jsonl(lines: list[bytes], longest: int) -> pa.Table:
+    """One table of JSON lines; pyarrow fails on a record longer than its block, so the block holds the longest."""
+    import io
+
+    import pyarrow.json as pjson
+
+    options = pjson.ReadOptions(block_size=max(JSON_BLOCK_BYTES, longest + 1))
+    return pjson.read_json(io.BytesIO(b"".join(lines)), read_options=options)
 
 
 def _empty_text_table(text_field: str) -> pa.Table:

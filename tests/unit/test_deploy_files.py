@@ -34,12 +34,14 @@ def test_compose_has_the_stack_and_its_wiring():
         "postgres:"
     )
     assert services["prefect-server"]["image"].startswith("prefecthq/prefect:3")
-    assert "4200:4200" in services["prefect-server"]["ports"] and "5000:5000" in services["mlflow"]["ports"]
+    # published on loopback unless BIND says otherwise
+    assert services["prefect-server"]["ports"] == ["${BIND:-127.0.0.1}:4200:4200"]
+    assert services["mlflow"]["ports"] == ["${BIND:-127.0.0.1}:5000:5000"]
     assert services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith(
         "postgresql+asyncpg://prefect:"
     )
     mlflow_cmd = " ".join(services["mlflow"]["command"])
-    for flag in ("--app-name basic-auth", '--backend-store-uri "postgresql://', "--artifacts-destination s3://mlflow"):
+    for flag in ("--app-name basic-auth", "--artifacts-destination s3://mlflow"):
         assert flag in mlflow_cmd
     assert services["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
     worker = services["prefect-worker"]
@@ -83,3 +85,20 @@ def test_dockerfile_is_cuda_runtime_non_root_and_installs_the_package():
     assert users and users[-1] not in ("root", "0")
     assert re.search(r"pip install \. ", text) and "COPY gptcore gptcore" in text and "COPY flows flows" in text
     assert not SECRET_NAME.search(re.sub(r"#.*", "", text))  # no secret baked into the image
+
+
+def test_every_deployment_runs_one_flow_run_at_a_time():
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    deployments = {d["name"]: d for d in yaml.safe_load((DEPLOY / "prefect.yaml").read_text())["deployments"]}
+    strategies = {}
+    for name, deployment in deployments.items():
+        limit = ConcurrencyLimitConfig(**deployment["concurrency_limit"])  # as `prefect deploy` reads it
+        assert limit.limit == 1, name
+        strategies[name] = limit.collision_strategy
+    # a late weekly pipeline is not stacked behind; an hour's scoring and a promotion wait their turn
+    assert strategies == {
+        "pipeline-weekly": ConcurrencyLimitStrategy.CANCEL_NEW,
+        "scoring-hourly": ConcurrencyLimitStrategy.ENQUEUE,
+        "promote-version": ConcurrencyLimitStrategy.ENQUEUE,
+    }
