@@ -43,6 +43,8 @@ EVAL_FILES = {
 CHAMPION, CHALLENGER = "champion", "challenger"
 CHECKPOINT_ARTIFACT, CHECKPOINT_TAG = "checkpoint", "gptcore.checkpoint_artifact"
 PREDICTIONS_TAG, SCORING_REFERENCE_TAG = "gptcore.predictions_artifact", "gptcore.scoring_reference_artifact"
+# a version's package and evaluation, by content: registering both again reuses the version
+REGISTRATION_DIGEST_TAG = "gptcore.registration_digest"
 
 
 @dataclass(frozen=True)

@@ -177,13 +177,13 @@ def small_corpus(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "data": root / "data", "tokenizer": root / "tokenizer"}
 
 
-@pytest.fixture
-def tiny_model_cfg() -> ModelConfig:
+def tiny_model() -> ModelConfig:
+    """A GPT that trains in seconds."""
     return ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)
 
 
-@pytest.fixture
-def tiny_train_cfg() -> TrainConfig:
+def tiny_train() -> TrainConfig:
+    """20 steps on the CPU, evaluated and checkpointed at 10 and 20."""
     return TrainConfig(
         max_steps=20,
         batch_size=8,
@@ -197,6 +197,16 @@ def tiny_train_cfg() -> TrainConfig:
         keep_checkpoints=5,
         device="cpu",
     )
+
+
+@pytest.fixture
+def tiny_model_cfg() -> ModelConfig:
+    return tiny_model()
+
+
+@pytest.fixture
+def tiny_train_cfg() -> TrainConfig:
+    return tiny_train()
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ documents' probabilities as batch scoring reads them (the evaluation's scoring r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -39,15 +40,19 @@ from gptcore.layout import (
     CHECKPOINT_ARTIFACT,
     CHECKPOINT_TAG,
     PREDICTIONS_TAG,
+    REGISTRATION_DIGEST_TAG,
     SCORING_REFERENCE_TAG,
     TOKENIZER_FILE,
 )
-from gptcore.registry.gates import classifier_gate, lm_gate
+from gptcore.registry.gates import GateDecision, classifier_gate, lm_gate
 from gptcore.registry.promotion import AliasMovedError, apply_decision, current_champion, decide
 from gptcore.results import load_export, read_eval
+from gptcore.runtime.package import package_digest
 from gptcore.tracking import Tracking, source_tags, stage_run
 
 log = logging.getLogger("gptcore.registry")
+
+TAKEN_UP_TAG = "gptcore.taken_up_by_run"  # the run that finished a registration another run began
 
 PARITY_TAG_FIELDS = ("max_abs_logit_diff", "greedy_agreement", "greedy_tokens_equal")
 CHECKPOINT_FILES = ("model.safetensors", "model.json")  # never state.pt: readers stay pickle-free
@@ -160,6 +165,45 @@ def source_checkpoint(meta: dict[str, Any]) -> Path | None:
     return directory
 
 
+def unfinished_registration(client, name: str, digest: str) -> str | None:
+    """The version of `name` registered from this package and evaluation (by content) by a run that
+    never finished (a pipeline killed inside `register`): taken up, so a rerun does not register
+    it twice. A registration that finished is not reused: registering again makes a new version."""
+    found = client.search_model_versions(f"name = '{name}' and tags.`{REGISTRATION_DIGEST_TAG}` = '{digest}'")
+    for version in sorted(found, key=lambda v: int(v.version)):
+        registering_run = version.tags.get(TAKEN_UP_TAG, version.run_id)  # the last run that worked on it
+        if client.get_run(registering_run).info.status != "FINISHED":
+            return str(version.version)
+    return None
+
+
+def new_version(client, run, name: str, package_dir, meta: dict, tags: dict, checkpoint, evaluated) -> str:
+    """Log the package (as a pyfunc), its checkpoint and evaluation files to `run`, and make them a new version."""
+    from mlflow.exceptions import MlflowException
+
+    logged = log_pyfunc(run, package_dir, meta)
+    if checkpoint is not None:
+        for file in CHECKPOINT_FILES:  # not `name`: that is the registered model's
+            run.log_artifact(checkpoint / file, CHECKPOINT_ARTIFACT)
+        run.log_artifact(Path(package_dir) / TOKENIZER_FILE, CHECKPOINT_ARTIFACT)
+    for path in evaluated:
+        if path is not None:
+            run.log_artifact(str(path), "evaluation")
+    try:
+        client.create_registered_model(name, description=f"gptcore {meta['kind']} (ONNX package)")
+    except MlflowException:
+        pass  # already registered
+    # The source is where the model's files are, not models:/<model_id>: MLflow's SQL registry
+    # resolves that through the process-wide tracking URI, not this client's.
+    return client.create_model_version(
+        name,
+        source=logged.artifact_location,
+        run_id=run.run_id,
+        tags={k: str(v) for k, v in tags.items()},
+        model_id=logged.model_id,
+    ).version
+
+
 def register(
     package_dir: str | Path,
     eval_path: str | Path,
@@ -171,7 +215,6 @@ def register(
     """Register the package in `package_dir` as a new version of `name`, and promote it if it wins."""
     if tracking is None:
         raise ConfigError("register: needs MLflow tracking settings (a registry to register into)")
-    from mlflow.exceptions import MlflowException
 
     gate = gate or RegistryConfig()
     meta = load_export(package_dir)
@@ -183,7 +226,9 @@ def register(
     predictions = Path(eval_path).parent / kept["file"] if kept else None
     scoring_reference = evaluation[section].get("scoring_reference")  # a classifier's, evaluated since it was kept
     scoring_reference = Path(eval_path).parent / scoring_reference["file"] if scoring_reference else None
+    registration = f"{package_digest(Path(package_dir))} {sha256_file(eval_path)}"
     tags = {
+        REGISTRATION_DIGEST_TAG: hashlib.sha256(registration.encode()).hexdigest(),
         "gptcore.kind": meta["kind"],
         "gptcore.data_digest": meta["data_digest"],
         "gptcore.tokenizer_digest": meta["tokenizer_digest"],
@@ -211,30 +256,19 @@ def register(
         tags[CHECKPOINT_TAG] = CHECKPOINT_ARTIFACT
     client = tracking.client()
     with stage_run(tracking, f"register_{meta['kind']}", tags={"gptcore.data_digest": meta["data_digest"]}) as run:
-        logged = log_pyfunc(run, package_dir, meta)
-        if checkpoint is not None:
-            for file in CHECKPOINT_FILES:  # not `name`: that is the registered model's
-                run.log_artifact(checkpoint / file, CHECKPOINT_ARTIFACT)
-            run.log_artifact(Path(package_dir) / TOKENIZER_FILE, CHECKPOINT_ARTIFACT)
-        for evaluated in (predictions, scoring_reference):
-            if evaluated is not None:
-                run.log_artifact(str(evaluated), "evaluation")
-        try:
-            client.create_registered_model(name, description=f"gptcore {meta['kind']} (ONNX package)")
-        except MlflowException:
-            pass  # already registered
-        # The source is where the model's files are, not models:/<model_id>: MLflow's SQL registry
-        # resolves that through the process-wide tracking URI, not this client's.
-        version = client.create_model_version(
-            name,
-            source=logged.artifact_location,
-            run_id=run.run_id,
-            tags={k: str(v) for k, v in tags.items()},
-            model_id=logged.model_id,
-        ).version
+        version = unfinished_registration(client, name, tags[REGISTRATION_DIGEST_TAG])
+        if version is not None:
+            log.info("register: %s v%s was registered from this package by a run that stopped: taken up", name, version)
+            client.set_model_version_tag(name, version, TAKEN_UP_TAG, run.run_id)
+        else:
+            evaluated = (predictions, scoring_reference)
+            version = new_version(client, run, name, package_dir, meta, tags, checkpoint, evaluated)
         client.set_registered_model_alias(name, CHALLENGER, version)
         for attempt in range(1, DECIDE_ATTEMPTS + 1):
             champion = current_champion(client, name)
+            if champion is not None and str(champion.version) == str(version):
+                decision = GateDecision(True, f"v{version} is already the champion")
+                break
             decision = decide(
                 tracking,
                 champion,

@@ -19,7 +19,6 @@ scoring the same bytes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -34,6 +33,7 @@ import numpy as np
 from gptcore.errors import InputError
 from gptcore.fsutil import append_jsonl, atomic_file, read_json, sha256_file, write_json
 from gptcore.runtime.classifier import OnnxClassifier
+from gptcore.runtime.package import package_digest
 from gptcore.runtime.tables import TextChunks
 
 if TYPE_CHECKING:
@@ -86,14 +86,6 @@ def parts_dir(output_path: str | Path) -> Path:
     """Where the chunks of a scoring run into `output_path` wait until the output is assembled."""
     output_path = Path(output_path)
     return output_path.with_name(output_path.name + ".parts")
-
-
-def package_digest(package_dir: Path) -> str:
-    """sha256 over the package's files (names and contents): the model's identity wherever it was downloaded to."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in Path(package_dir).iterdir() if p.is_file()):
-        h.update(f"{path.name}\0{sha256_file(path)}\0".encode())
-    return h.hexdigest()
 
 
 def manifest_for(model: OnnxClassifier, input_path: Path, text_field: str, chunk_rows: int) -> dict:

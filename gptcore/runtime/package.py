@@ -15,6 +15,7 @@ exists) with the graph's inputs and outputs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from gptcore.errors import InputError, redact
+from gptcore.fsutil import sha256_file
 from gptcore.runtime.template import CHAT_TOKENS
 
 # The LM graph's inputs besides its cache, by format: 2 added logit_positions (and listed
@@ -241,6 +243,14 @@ def expect_dims(where: str, name: str, shape: list, expected: list, field: str) 
     if not ok:
         wanted = ["*" if want is None else want for want in expected]
         raise InputError(f"{where}: {name!r} has shape {shape}, expected {wanted} from {field}")
+
+
+def package_digest(package_dir: Path) -> str:
+    """sha256 over the package's files (names and contents): the model's identity wherever it was downloaded to."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(package_dir).iterdir() if p.is_file()):
+        h.update(f"{path.name}\0{sha256_file(path)}\0".encode())
+    return h.hexdigest()
 
 
 def resolve_model_uri(

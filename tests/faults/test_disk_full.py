@@ -20,7 +20,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from gptcore.config import ModelConfig, TrainConfig
 from gptcore.errors import DiskFullError
 from gptcore.fsutil import sha256_file
 from gptcore.runtime import score_file
@@ -28,7 +27,7 @@ from gptcore.runtime.batch import parts_dir
 from gptcore.train.checkpoint import complete_checkpoints, read_checkpoint
 from gptcore.train.pretrain import pretrain
 from gptcore.weights import load_lm
-from tests.conftest import REPO, SUBPROCESS_ENV, input_file
+from tests.conftest import REPO, SUBPROCESS_ENV, input_file, tiny_model, tiny_train
 from tests.unit.runtime.test_batch import Interrupted, stop_after
 
 pytestmark = pytest.mark.slow  # mounts, and as another user starts pytest again in a namespace
@@ -111,18 +110,7 @@ def disk_bytes(directory: Path) -> int:
     return sum(-(-p.stat().st_size // PAGE) * PAGE for p in directory.rglob("*") if p.is_file())
 
 
-MODEL = ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)
-TRAIN = TrainConfig(
-    max_steps=20,
-    batch_size=8,
-    warmup_steps=2,
-    eval_interval=10,
-    eval_batches=2,
-    log_interval=5,
-    checkpoint_interval=10,
-    keep_checkpoints=5,
-    device="cpu",
-)
+MODEL, TRAIN = tiny_model(), tiny_train()
 
 
 @pytest.fixture(scope="module")

@@ -24,29 +24,14 @@ from gptcore.runtime.batch import PART_RECORDS, parts_dir
 from gptcore.train.checkpoint import complete_checkpoints, read_checkpoint
 from gptcore.train.finetune import finetune
 from gptcore.train.pretrain import pretrain
-from tests.conftest import input_file
+from tests.conftest import input_file, tiny_model, tiny_train
 from tests.unit.runtime.test_batch import Interrupted, stop_after
 
 
 @pytest.fixture(scope="module")
 def base_run(small_corpus, tmp_path_factory):
     """(output dir, model config, train config) of a 20-step pretraining with checkpoints at 10 and 20."""
-    from gptcore.config import ModelConfig, TrainConfig
-
-    model_cfg = ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)
-    train_cfg = TrainConfig(
-        max_steps=20,
-        batch_size=8,
-        lr=3e-3,
-        min_lr=3e-4,
-        warmup_steps=2,
-        eval_interval=10,
-        eval_batches=2,
-        log_interval=5,
-        checkpoint_interval=10,
-        keep_checkpoints=5,
-        device="cpu",
-    )
+    model_cfg, train_cfg = tiny_model(), tiny_train()
     out = tmp_path_factory.mktemp("resume_base") / "pre"
     pretrain(model_cfg, train_cfg, small_corpus["tokenizer"], out)
     return out, model_cfg, train_cfg

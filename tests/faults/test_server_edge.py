@@ -10,7 +10,6 @@ import contextlib
 import json
 import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 
 from gptcore.errors import ConfigError
 from gptcore.runtime.batching import sample
-from gptcore.runtime.serve.app import check_bind, create_app, uvicorn_config
+from gptcore.runtime.serve.app import check_bind, create_app
 from gptcore.runtime.serve.limits import ServeConfig, ServeLimits
 from gptcore.runtime.serve.models import ServedModels
 from tests.integration.test_serve import (
@@ -29,8 +28,8 @@ from tests.integration.test_serve import (
     TOKEN,
     clean_env,
     free_port,
-    loopback_socket,
     metric,
+    running,
     serve_command,
     wait_for,
     wait_ready,
@@ -54,33 +53,11 @@ LIMITS = ServeLimits(
 GREEDY = {"prompt": PROMPT, "max_new_tokens": 8, "temperature": 0}
 
 
-@contextlib.contextmanager
-def guarded(app, limits: ServeLimits = LIMITS, send_buffer: int | None = None, **options):
-    """`app` under uvicorn as `gptcore serve` runs it (its protocol, deadlines and bounds), on a
-    loopback socket (with a small kernel send buffer if given: accepted sockets inherit it); its URL."""
-    import uvicorn
-
-    sock = loopback_socket()
-    if send_buffer is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
-    server = uvicorn.Server(uvicorn_config(app, limits, log_level="warning", **options))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    try:
-        wait_for(lambda: server.started)
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def edge(lm_package):
     """One guarded server with the tiny LM and a token; its URL."""
     config = ServeConfig([lm_package.package_dir], LIMITS, device="cpu", threads=1)
-    with guarded(create_app(config, TOKEN), send_buffer=4096) as url:
+    with running(create_app(config, TOKEN), ready=False, limits=LIMITS, send_buffer=4096) as url:
         wait_ready(url)
         yield url
 
@@ -232,7 +209,7 @@ def test_the_token_guards_every_path_however_the_app_is_mounted(parent_with_moun
     """Mounted under /api in a parent app, and started with a root path: no spelling of a guarded path
     answers without the token (the check once compared the raw path with "/v1/", which "/api/v1/..."
     and "/gw/v1/..." are not), and every one answers with it."""
-    with guarded(parent_with_mount) as url:
+    with running(parent_with_mount, ready=False, limits=LIMITS) as url:
         wait_ready(f"{url}/api")
         for method, path, body in GUARDED_PATHS:
             for spelled in (f"/api{path}", f"/api{path.replace('/v1/', '/%761/')}"):
@@ -244,7 +221,7 @@ def test_the_token_guards_every_path_however_the_app_is_mounted(parent_with_moun
         assert httpx.get(f"{url}/api/nowhere").status_code == 401  # unknown paths are guarded too
 
     config = ServeConfig([lm_package.package_dir], LIMITS, device="cpu", threads=1)
-    with guarded(create_app(config, TOKEN), root_path="/gw") as url:
+    with running(create_app(config, TOKEN), ready=False, limits=LIMITS, root_path="/gw") as url:
         wait_ready(url)
         for method, path, body in GUARDED_PATHS:
             assert httpx.request(method, f"{url}{path}", json=body, timeout=30).status_code == 401, path
@@ -258,7 +235,7 @@ def test_without_a_token_pages_in_a_browser_cannot_drive_the_api(lm_package):
     the page's own name) is refused with 400, and a POST that is not JSON (what a page's form or a
     CORS simple request sends) with 415, before any model work."""
     config = ServeConfig([lm_package.package_dir], LIMITS, device="cpu", threads=1)
-    with guarded(create_app(config, None)) as url:
+    with running(create_app(config, None), ready=False, limits=LIMITS) as url:
         wait_ready(url)
         port = port_of(url)
         for host in (f"evil.example:{port}", f"127.0.0.1:{port + 1}", "127.0.0.1", f"localhost.evil.example:{port}"):
@@ -379,7 +356,7 @@ def test_open_answers_and_errors_reveal_no_paths_or_internals(edge, lm_package, 
     async def boom():  # an error from deep inside, naming a file
         raise OSError(f"{hidden}/model.onnx: input/output error")
 
-    with guarded(app) as url:
+    with running(app, ready=False, limits=LIMITS) as url:
         wait_for(lambda: failures)
         answer = httpx.get(f"{url}/readyz", timeout=10)
         assert answer.status_code == 503 and "hidden-place" not in answer.text, answer.text

@@ -21,7 +21,7 @@ import pytest
 
 from gptcore.runtime import load_model
 from gptcore.runtime.serve.admission import Admission, Overloaded
-from gptcore.runtime.serve.app import create_app
+from gptcore.runtime.serve.app import create_app, uvicorn_config
 from gptcore.runtime.serve.limits import ServeConfig, ServeLimits
 from gptcore.runtime.serve.models import ServedModels
 from tests.conftest import REPO
@@ -40,12 +40,16 @@ def loopback_socket() -> socket.socket:
 
 
 @contextlib.contextmanager
-def running(app, ready: bool = True):
-    """The app under a real uvicorn server in a thread; yields its base URL (once it answers /readyz 200 if `ready`)."""
+def running(app, ready: bool = True, limits: ServeLimits = LIMITS, send_buffer: int | None = None, **options):
+    """The app under uvicorn as `gptcore serve` runs it (its guarded connections, as `limits` say), in
+    a thread, on a loopback socket (with a small kernel send buffer if given: accepted sockets inherit
+    it); yields its base URL (once it answers /readyz 200 if `ready`)."""
     import uvicorn
 
     sock = loopback_socket()
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    if send_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    server = uvicorn.Server(uvicorn_config(app, limits, log_level="warning", **options))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"

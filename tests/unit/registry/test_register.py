@@ -147,3 +147,19 @@ def test_gate_promotes_only_a_significant_gain_with_no_guard_regressing(mlflow_t
     assert (
         "kept against" in client.get_model_version("clf", better.version).tags[f"gptcore.challenge.v{reckless.version}"]
     )
+
+
+def test_a_registration_that_stopped_is_taken_up_not_made_twice(mlflow_tracking, tmp_path):
+    """A registration whose run never finished (a pipeline killed inside `register`) is taken up when
+    the same package and evaluation are registered again: no second version, the champion stays; one
+    that finished is not (registering again makes a new version)."""
+    pkg = fake_package(tmp_path / "pkg", "lm")
+    evaluation = eval_file(tmp_path / "e.json", "test", "bpb", 2.0)
+    client = mlflow_tracking.client()
+    first = register(pkg, evaluation, "lm", mlflow_tracking)
+    client.set_terminated(client.get_model_version("lm", first.version).run_id, "KILLED")  # as if killed
+    again = register(pkg, evaluation, "lm", mlflow_tracking)
+    assert (again.version, again.promoted, again.champion_version) == (first.version, True, first.version)
+    assert "already the champion" in again.reason
+    assert [str(v.version) for v in client.search_model_versions("name = 'lm'")] == [first.version]
+    assert register(pkg, evaluation, "lm", mlflow_tracking).version != first.version  # that one had finished
