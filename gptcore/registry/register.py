@@ -52,8 +52,6 @@ from gptcore.tracking import Tracking, source_tags, stage_run
 
 log = logging.getLogger("gptcore.registry")
 
-TAKEN_UP_TAG = "gptcore.taken_up_by_run"  # the run that finished a registration another run began
-
 PARITY_TAG_FIELDS = ("max_abs_logit_diff", "greedy_agreement", "greedy_tokens_equal")
 CHECKPOINT_FILES = ("model.safetensors", "model.json")  # never state.pt: readers stay pickle-free
 # kind -> (metric, direction, where the metric sits in the evaluation JSON)
@@ -165,16 +163,13 @@ def source_checkpoint(meta: dict[str, Any]) -> Path | None:
     return directory
 
 
-def unfinished_registration(client, name: str, digest: str) -> str | None:
-    """The version of `name` registered from this package and evaluation (by content) by a run that
-    never finished (a pipeline killed inside `register`): taken up, so a rerun does not register
-    it twice. A registration that finished is not reused: registering again makes a new version."""
+def registered_version(client, name: str, digest: str) -> str | None:
+    """The version of `name` registered from this package and this evaluation (by content), if any.
+
+    Registering the same bytes again makes no second version: a pipeline killed inside `register`
+    (before or after its MLflow run ended) takes its version up when it runs again."""
     found = client.search_model_versions(f"name = '{name}' and tags.`{REGISTRATION_DIGEST_TAG}` = '{digest}'")
-    for version in sorted(found, key=lambda v: int(v.version)):
-        registering_run = version.tags.get(TAKEN_UP_TAG, version.run_id)  # the last run that worked on it
-        if client.get_run(registering_run).info.status != "FINISHED":
-            return str(version.version)
-    return None
+    return min((str(v.version) for v in found), key=int, default=None)
 
 
 def new_version(client, run, name: str, package_dir, meta: dict, tags: dict, checkpoint, evaluated) -> str:
@@ -256,10 +251,9 @@ def register(
         tags[CHECKPOINT_TAG] = CHECKPOINT_ARTIFACT
     client = tracking.client()
     with stage_run(tracking, f"register_{meta['kind']}", tags={"gptcore.data_digest": meta["data_digest"]}) as run:
-        version = unfinished_registration(client, name, tags[REGISTRATION_DIGEST_TAG])
+        version = registered_version(client, name, tags[REGISTRATION_DIGEST_TAG])
         if version is not None:
-            log.info("register: %s v%s was registered from this package by a run that stopped: taken up", name, version)
-            client.set_model_version_tag(name, version, TAKEN_UP_TAG, run.run_id)
+            log.info("register: %s v%s holds this package and evaluation already: deciding on it", name, version)
         else:
             evaluated = (predictions, scoring_reference)
             version = new_version(client, run, name, package_dir, meta, tags, checkpoint, evaluated)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +43,10 @@ def lm_eval(path: Path, doc_bpb: np.ndarray, digest: str = "e" * 64, doc_ids: np
 
 
 def test_lm_gate_promotes_only_a_significant_bpb_reduction(mlflow_tracking, tmp_path):
-    pkg = fake_package(tmp_path / "pkg", "lm")
     client = mlflow_tracking.client()
 
-    def challenge(name: str, doc_bpb: np.ndarray, **kwargs):
+    def challenge(name: str, doc_bpb: np.ndarray, **kwargs):  # each challenger a model of its own
+        pkg = fake_package(tmp_path / name / "pkg", "lm")
         return register(pkg, lm_eval(tmp_path / name / "eval.json", doc_bpb, **kwargs), "lm", mlflow_tracking)
 
     first = challenge("first", CHAMPION_BPB)
@@ -86,10 +87,13 @@ def test_lm_gate_threshold_and_fallback_to_the_stored_metric(mlflow_tracking, tm
     assert not worse.promoted and "does not beat" in worse.reason
 
 
-def test_evaluation_stage_output_feeds_the_gate(lm_evaluation, lm_package, mlflow_tracking):
+def test_evaluation_stage_output_feeds_the_gate(lm_evaluation, lm_package, mlflow_tracking, tmp_path):
     result = lm_evaluation
     first = register(lm_package.package_dir, result.metrics_path, "lm", mlflow_tracking)
-    again = register(lm_package.package_dir, result.metrics_path, "lm", mlflow_tracking)
+    # the same model in another package (one more file): a challenger of its own, equal on every document
+    other = shutil.copytree(lm_package.package_dir, tmp_path / "other")
+    (other / "NOTES.txt").write_text("the same weights, packaged again")
+    again = register(other, result.metrics_path, "lm", mlflow_tracking)
     assert first.promoted and not again.promoted
     assert "reduction +0.0000" in again.reason and f"{result.test['documents']['documents']} documents" in again.reason
     version = mlflow_tracking.client().get_model_version("lm", again.version)

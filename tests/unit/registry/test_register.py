@@ -13,7 +13,7 @@ from gptcore.registry.register import register
 
 def fake_package(root, kind: str):
     root.mkdir(parents=True)
-    (root / "model.onnx").write_bytes(b"onnx")
+    (root / "model.onnx").write_bytes(f"onnx of {root}".encode())  # each directory a model of its own
     (root / "gptcore_model.json").write_text(
         json.dumps(
             {
@@ -116,10 +116,10 @@ def gated_eval(
 
 
 def test_gate_promotes_only_a_significant_gain_with_no_guard_regressing(mlflow_tracking, tmp_path):
-    pkg = fake_package(tmp_path / "pkg", "classifier")
     client = mlflow_tracking.client()
 
-    def challenge(name: str, **kwargs):
+    def challenge(name: str, **kwargs):  # each challenger a model of its own
+        pkg = fake_package(tmp_path / name / "pkg", "classifier")
         return register(pkg, gated_eval(tmp_path / name / "eval.json", **kwargs), "clf", mlflow_tracking)
 
     first = challenge("first", right=0.6, seed=1)
@@ -149,17 +149,15 @@ def test_gate_promotes_only_a_significant_gain_with_no_guard_regressing(mlflow_t
     )
 
 
-def test_a_registration_that_stopped_is_taken_up_not_made_twice(mlflow_tracking, tmp_path):
-    """A registration whose run never finished (a pipeline killed inside `register`) is taken up when
-    the same package and evaluation are registered again: no second version, the champion stays; one
-    that finished is not (registering again makes a new version)."""
+def test_the_same_package_and_evaluation_registered_again_reuse_their_version(mlflow_tracking, tmp_path):
+    """A pipeline killed inside `register` (before or after its MLflow run ended), run again, takes its
+    version up: no second version, the champion stays; another evaluation is a version of its own."""
     pkg = fake_package(tmp_path / "pkg", "lm")
     evaluation = eval_file(tmp_path / "e.json", "test", "bpb", 2.0)
-    client = mlflow_tracking.client()
     first = register(pkg, evaluation, "lm", mlflow_tracking)
-    client.set_terminated(client.get_model_version("lm", first.version).run_id, "KILLED")  # as if killed
     again = register(pkg, evaluation, "lm", mlflow_tracking)
     assert (again.version, again.promoted, again.champion_version) == (first.version, True, first.version)
     assert "already the champion" in again.reason
+    client = mlflow_tracking.client()
     assert [str(v.version) for v in client.search_model_versions("name = 'lm'")] == [first.version]
-    assert register(pkg, evaluation, "lm", mlflow_tracking).version != first.version  # that one had finished
+    assert register(pkg, eval_file(tmp_path / "e2.json", "test", "bpb", 2.5), "lm", mlflow_tracking).version == "2"
