@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -175,6 +176,14 @@ def small_corpus(tmp_path_factory) -> dict[str, Path]:
     )
     train_tokenizer(TokenizerConfig(vocab_size=300, min_frequency=1), root / "data", root / "tokenizer")
     return {"root": root, "data": root / "data", "tokenizer": root / "tokenizer"}
+
+
+def repackaged(package_dir: str | Path, into: Path) -> Path:
+    """The same model in another package (one more file): registered, a version of its own, where
+    the same package and evaluation registered again would reuse their version."""
+    other = Path(shutil.copytree(package_dir, into))
+    (other / "NOTES.txt").write_text("the same weights, packaged again", encoding="utf-8")
+    return other
 
 
 def tiny_model() -> ModelConfig:

@@ -27,7 +27,7 @@ import pytest
 from gptcore.errors import GptcoreError
 from gptcore.layout import CHAMPION
 from gptcore.locks import LockedError
-from tests.conftest import REPO, SUBPROCESS_ENV, input_file, write_labelled_corpus
+from tests.conftest import REPO, SUBPROCESS_ENV, input_file, repackaged, write_labelled_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -247,7 +247,7 @@ def test_promotion_refuses_when_the_champion_moved_during_its_evaluation(mlflow_
 
 
 def test_registration_decides_again_when_the_champion_moved_while_it_decided(
-    classifier_package, classifier_evaluation, mlflow_tracking, monkeypatch, caplog
+    classifier_package, classifier_evaluation, mlflow_tracking, monkeypatch, caplog, tmp_path
 ):
     import gptcore.registry.register as registration
 
@@ -267,7 +267,7 @@ def test_registration_decides_again_when_the_champion_moved_while_it_decided(
 
     monkeypatch.setattr(registration, "decide", decide_while_the_alias_moves)
     with caplog.at_level(logging.WARNING, logger="gptcore"):
-        result = registration.register(package, evaluation, "clf", mlflow_tracking)
+        result = registration.register(repackaged(package, tmp_path / "again"), evaluation, "clf", mlflow_tracking)
     assert judged == ["1", moved_to]  # judged against v1, then again against the champion of then
     assert result.previous_champion_version == moved_to
     assert f"models:/clf@champion now points at v{moved_to}, not v1" in caplog.text

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, repackaged
 from tests.servers import BIN, background, clean_env, run, tail
 
 POOL = "gptcore-process"  # the yaml's: `prefect deploy --all` ignores --pool (it applies to one deployment)
@@ -98,9 +98,8 @@ def test_pipeline_scoring_and_promotion_run_on_the_worker_with_credentials(serve
 
         # a second classifier version, the same model: the gate must keep the champion
         tracking = Tracking(load_settings(work, REPO / "deploy" / "mlflow.yaml"))
-        second = register(
-            work / "export" / "classifier", work / "eval" / "classifier_eval.json", "gptcore-classifier", tracking
-        )
+        again = repackaged(work / "export" / "classifier", tmp_path / "classifier-again")
+        second = register(again, work / "eval" / "classifier_eval.json", "gptcore-classifier", tracking)
         assert second.version == "2" and not second.promoted
         test_split, scored = work / "data" / "test.parquet", tmp_path / "scored.parquet"
         scoring = run_deployment(

@@ -2,7 +2,6 @@
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ from gptcore.config import RegistryConfig
 from gptcore.layout import CHAMPION
 from gptcore.registry.register import register
 from gptcore.results import DocScores, write_doc_scores
+from tests.conftest import repackaged
 from tests.unit.registry.test_register import eval_file, fake_package
 
 RNG = np.random.default_rng(0)
@@ -91,9 +91,7 @@ def test_evaluation_stage_output_feeds_the_gate(lm_evaluation, lm_package, mlflo
     result = lm_evaluation
     first = register(lm_package.package_dir, result.metrics_path, "lm", mlflow_tracking)
     # the same model in another package (one more file): a challenger of its own, equal on every document
-    other = shutil.copytree(lm_package.package_dir, tmp_path / "other")
-    (other / "NOTES.txt").write_text("the same weights, packaged again")
-    again = register(other, result.metrics_path, "lm", mlflow_tracking)
+    again = register(repackaged(lm_package.package_dir, tmp_path / "other"), result.metrics_path, "lm", mlflow_tracking)
     assert first.promoted and not again.promoted
     assert "reduction +0.0000" in again.reason and f"{result.test['documents']['documents']} documents" in again.reason
     version = mlflow_tracking.client().get_model_version("lm", again.version)
