@@ -28,9 +28,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.futures import PrefectFuture
+from prefect.states import State
+from prefect.utilities.annotations import quote
 
 from flows.stage_cache import stage_cache
-from flows.summary import pipeline_summary, promotion_markdown
+from flows.summary import headline_metrics, pipeline_summary, promotion_markdown
 from flows.tasks import (
     chat_versions_task,
     evaluate_classifier_task,
@@ -40,10 +43,13 @@ from flows.tasks import (
     export_classifier_task,
     export_lm_task,
     finetune_task,
+    flow_run_tags,
     gptcore_logs_to_prefect,
     ingest_task,
     pretrain_task,
-    register_task,
+    register_chat_task,
+    register_classifier_task,
+    register_lm_task,
     score_task,
     sft_task,
     tokenizer_task,
@@ -55,9 +61,52 @@ from gptcore.locks import workdir_lock
 from gptcore.presets import load_config
 from gptcore.tracking import Tracking, load_settings, stage_run
 
+# Each stage -> the stages it reads the outputs of (directly; the rest is transitive): the flow runs
+# each task after these, so Prefect's graph of a run is the pipeline's, though stages hand over
+# files rather than Prefect results. Stages of a branch the corpus has no data for do not run.
+STAGE_GRAPH: dict[str, tuple[str, ...]] = {
+    "ingest": (),
+    "tokenizer": ("ingest",),
+    "pretrain": ("tokenizer",),
+    "finetune": ("pretrain",),
+    "sft": ("pretrain",),
+    "evaluate-lm": ("pretrain",),
+    "evaluate-classifier": ("finetune",),
+    "evaluate-sft": ("sft",),
+    "export-lm": ("pretrain",),
+    "export-classifier": ("finetune",),
+    "export-chat": ("sft",),
+    "register-lm": ("evaluate-lm", "export-lm"),
+    "register-classifier": ("evaluate-classifier", "export-classifier"),
+    "register-chat": ("evaluate-sft", "export-chat"),
+    "chat-versions": ("register-chat",),
+    "score": ("register-classifier",),
+}
+
 # Prefect flow run id -> (MLflow run id, tracking URI) of the pipeline runs under way in this
 # process: what `report_failure` points to.
 _MLFLOW_RUNS: dict[str, tuple[str, str]] = {}
+
+
+class Finished(PrefectFuture):
+    """A stage that ran, as a future of its final state: what `wait_for` takes without looking inside.
+
+    Given the stage's result or state instead, Prefect would also trace every object inside it
+    (a version string "1" is one object in CPython) to whichever task returned it last.
+    """
+
+    def __init__(self, state: State):
+        super().__init__(state.state_details.task_run_id)
+        self._final_state = state
+
+    def wait(self, timeout: float | None = None) -> None:
+        return None  # it has finished
+
+    def result(self, timeout: float | None = None, raise_on_failure: bool = True) -> Any:
+        return self._final_state.result(raise_on_failure=raise_on_failure)
+
+    def add_done_callback(self, fn) -> None:
+        fn(self)
 
 
 def report_failure(flow, flow_run, state) -> None:
@@ -116,11 +165,25 @@ def _pipeline(preset: str, config_path: str | None, workdir: str, mlflow_config:
     cfg = load_config(config_path, preset)
     w = Workdir(workdir)
     settings = load_settings(w.root, mlflow_config)
-    with stage_run(Tracking(settings), "pipeline", tags={"gptcore.preset": preset}) as parent:
+    tags = flow_run_tags()
+    with stage_run(Tracking(settings, run_tags=tags), "pipeline", tags={"gptcore.preset": preset}) as parent:
         _MLFLOW_RUNS[str(flow_run.id)] = (parent.run_id, redact(settings.tracking_uri))
         parent.log_params(cfg.to_dict())
-        t = Tracking(settings, parent.run_id)
-        data = ingest_task(cfg.ingest, w.data, t)
+        t = Tracking(settings, parent.run_id, tags)
+        done: dict[str, State] = {}
+
+        def stage(task, *args, **kwargs):
+            """Run one stage (its task's name is its name in STAGE_GRAPH) after its upstream stages:
+            Prefect draws those edges, and only those. The arguments are quoted: Prefect would trace
+            any argument holding an object an earlier task returned (a model name string, an
+            interned literal) as one more edge."""
+            name = task.name
+            upstream = [Finished(done[up]) for up in STAGE_GRAPH[name] if up in done]
+            quoted = {k: quote(v) for k, v in kwargs.items()}
+            done[name] = task(*map(quote, args), wait_for=upstream, return_state=True, **quoted)
+            return done[name].result()  # the stage's own error, if it failed
+
+        data = stage(ingest_task, cfg.ingest, w.data, t)
         # Decided before pretraining: a branch the corpus has no data for costs nothing.
         skipped = optional_stages(cfg, w.data)
         for reason in skipped.values():
@@ -129,48 +192,50 @@ def _pipeline(preset: str, config_path: str | None, workdir: str, mlflow_config:
         run_classifier, run_chat = skipped[CLASSIFIER] is None, skipped[CHAT] is None
         finetuned = cls_eval = cls_pkg = cls_reg = scores = None
         chat = chat_eval = chat_pkg = chat_reg = chat_versions = None
-        tokens = tokenizer_task(cfg.tokenizer, w.data, w.tokenizer, t)
-        pretrained = pretrain_task(cfg, w.root, t)
+        tokens = stage(tokenizer_task, cfg.tokenizer, w.data, w.tokenizer, t)
+        pretrained = stage(pretrain_task, cfg, w.root, t)
         if run_classifier:
-            finetuned = finetune_task(cfg.finetune, w.pretrain, w.data, w.tokenizer, w.finetune, t)
+            finetuned = stage(finetune_task, cfg.finetune, w.pretrain, w.data, w.tokenizer, w.finetune, t)
         if run_chat:
-            chat = sft_task(cfg.sft, w.pretrain, w.data, w.tokenizer, w.sft, t)
-        lm_eval = evaluate_lm_task(cfg.evaluate, w.pretrain, w.tokenizer, w.eval, t, data_dir=w.data)
+            chat = stage(sft_task, cfg.sft, w.pretrain, w.data, w.tokenizer, w.sft, t)
+        lm_eval = stage(evaluate_lm_task, cfg.evaluate, w.pretrain, w.tokenizer, w.eval, t, data_dir=w.data)
         if run_classifier:
-            cls_eval = evaluate_classifier_task(w.finetune, w.data, w.tokenizer, w.eval, t)
+            cls_eval = stage(evaluate_classifier_task, w.finetune, w.data, w.tokenizer, w.eval, t)
         if run_chat:
-            chat_eval = evaluate_sft_task(cfg.sft, w.sft, w.pretrain, w.data, w.tokenizer, w.eval, t)
-        lm_pkg = export_lm_task(cfg.export, w.pretrain, w.tokenizer, w.export("lm"), t)
+            chat_eval = stage(evaluate_sft_task, cfg.sft, w.sft, w.pretrain, w.data, w.tokenizer, w.eval, t)
+        lm_pkg = stage(export_lm_task, cfg.export, w.pretrain, w.tokenizer, w.export("lm"), t)
         if run_classifier:
-            cls_pkg = export_classifier_task(cfg.export, w.finetune, w.data, w.tokenizer, w.export("classifier"), t)
+            cls_pkg = stage(
+                export_classifier_task, cfg.export, w.finetune, w.data, w.tokenizer, w.export("classifier"), t
+            )
         if run_chat:
-            chat_pkg = export_chat_task(cfg.export, cfg.sft, w.sft, w.data, w.export("chat"), t)
-        lm_reg = register_task(
-            w.export("lm"), lm_eval.metrics_path, cfg.registry.lm_name, t, cfg.to_dict(), cfg.registry
-        )
+            chat_pkg = stage(export_chat_task, cfg.export, cfg.sft, w.sft, w.data, w.export("chat"), t)
+        config, registry = cfg.to_dict(), cfg.registry
+        lm_reg = stage(register_lm_task, w.export("lm"), lm_eval.metrics_path, registry.lm_name, t, config, registry)
         if run_classifier:
-            cls_reg = register_task(
+            cls_reg = stage(
+                register_classifier_task,
                 w.export("classifier"),
                 cls_eval.metrics_path,
-                cfg.registry.classifier_name,
+                registry.classifier_name,
                 t,
-                cfg.to_dict(),
-                cfg.registry,
+                config,
+                registry,
             )
         if run_chat:
-            chat_reg = register_task(
-                w.export("chat"), chat_eval.metrics_path, cfg.registry.chat_name, t, cfg.to_dict(), cfg.registry
+            chat_reg = stage(
+                register_chat_task, w.export("chat"), chat_eval.metrics_path, registry.chat_name, t, config, registry
             )
-            chat_versions = chat_versions_task(
-                chat_reg, cfg.sft, str(w.data), settings.tracking_uri, settings.registry_uri
+            chat_versions = stage(
+                chat_versions_task, chat_reg, cfg.sft, str(w.data), settings.tracking_uri, settings.registry_uri
             )
         if skipped[SCORE] is None:
-            scores = score_task(
-                cls_reg.champion_uri, data.split_path("test"), w.scores / "test_scores.parquet", "text", t, cfg.score
-            )
+            test_split, scores_path = data.split_path("test"), w.scores / "test_scores.parquet"
+            scores = stage(score_task, cls_reg.champion_uri, test_split, scores_path, "text", t, cfg.score)
         summary = pipeline_summary(
             workdir=w.root,
             settings=settings,
+            experiment_id=t.experiment_id(),
             seconds=time.perf_counter() - start,
             skipped=skipped,
             data=data,
@@ -190,8 +255,9 @@ def _pipeline(preset: str, config_path: str | None, workdir: str, mlflow_config:
             scores=scores,
             chat_versions=chat_versions,
         )
-        parent.log_metrics({"pipeline_seconds": summary["seconds"]})
+        parent.log_metrics(headline_metrics(summary))
         parent.log_dict(summary, "summary.json")
+        parent.set_tags({"mlflow.note.content": summary["table"]})  # the run page opens on the summary
     create_markdown_artifact(
         summary["markdown"], key="gptcore-pipeline-summary", description="gptcore pipeline summary"
     )
@@ -213,7 +279,7 @@ def _pipeline(preset: str, config_path: str | None, workdir: str, mlflow_config:
         )
     logger.info("\n%s", summary["text"])
     _MLFLOW_RUNS.pop(str(flow_run.id), None)
-    return {k: v for k, v in summary.items() if k not in ("markdown",)}
+    return {k: v for k, v in summary.items() if k not in ("markdown", "table")}
 
 
 def run_pipeline(

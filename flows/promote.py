@@ -11,7 +11,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.tasks import gptcore_logs_to_prefect
+from flows.tasks import flow_run_tags, gptcore_logs_to_prefect
 from gptcore.layout import Workdir
 from gptcore.presets import load_config
 from gptcore.registry.promotion import promote_version
@@ -38,7 +38,7 @@ def promote_flow(
     """
     w = Workdir(workdir)
     cfg = load_config(config_path, preset)
-    tracking = Tracking(load_settings(w.root, mlflow_config))
+    tracking = Tracking(load_settings(w.root, mlflow_config), run_tags=flow_run_tags())
     with gptcore_logs_to_prefect():
         result = promote_version(
             name,

@@ -26,7 +26,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, State
 
 from flows.summary import drift_markdown, scoring_markdown
-from flows.tasks import gptcore_logs_to_prefect, score_task
+from flows.tasks import flow_run_tags, gptcore_logs_to_prefect, score_task
 from gptcore.config import ScoreConfig
 from gptcore.tracking import Tracking, load_settings
 
@@ -50,7 +50,7 @@ def scoring_flow(
     """
     with gptcore_logs_to_prefect():
         cfg = ScoreConfig() if drift_threshold is None else ScoreConfig(drift_threshold=drift_threshold)
-        tracking = Tracking(load_settings(workdir, mlflow_config))
+        tracking = Tracking(load_settings(workdir, mlflow_config), run_tags=flow_run_tags())
         result = score_task(model_uri, input_path, output_path, text_field, tracking, cfg)
     model = model_uri if result.model_version is None else f"{model_uri} (v{result.model_version})"
     create_markdown_artifact(

@@ -36,6 +36,7 @@ from typing import Any
 
 from prefect import get_run_logger
 from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.utilities.annotations import quote
 
 from gptcore.data.lineage import code_digest
 from gptcore.fsutil import read_json, sha256_file, write_json
@@ -133,6 +134,11 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"a {type(value).__name__} parameter cannot be part of a stage cache key")
 
 
+def _unquoted(value: Any) -> Any:
+    """An argument as the stage gets it: Prefect unwraps a `quote` before calling the task."""
+    return value.unquote() if isinstance(value, quote) else value
+
+
 def registered_aliases(tracking: Tracking | None, name: str) -> str | None:
     """What registering leaves in the MLflow registry: the model's aliases and their versions.
 
@@ -201,6 +207,10 @@ class CachedStage:
     def name(self) -> str:
         return self.task.name
 
+    def with_options(self, **options: Any) -> CachedStage:
+        """The same stage, its task with other options (a name of its own, in one pipeline run)."""
+        return CachedStage(self.task.with_options(**options), self.reads, self.writes, self.views)
+
     def key(self, params: dict[str, Any]) -> str | None:
         reads = digest_all(self.reads(params))
         if reads is None:
@@ -214,18 +224,19 @@ class CachedStage:
         }
         return hashlib.sha256(json.dumps(state, sort_keys=True, default=_plain).encode()).hexdigest()
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, wait_for: list[Any] | None = None, return_state: bool = False, **kwargs: Any) -> Any:
+        """Run the stage (or reuse its recorded result); `wait_for` and `return_state` as for a Prefect task."""
         cache = _active.get()
         if cache is None:
-            return self.task(*args, **kwargs)
+            return self.task(*args, wait_for=wait_for, return_state=return_state, **kwargs)
         logger = get_run_logger()
-        bound = self.signature.bind(*args, **kwargs)
+        bound = self.signature.bind(*map(_unquoted, args), **{k: _unquoted(v) for k, v in kwargs.items()})
         bound.apply_defaults()
         params = dict(bound.arguments)
         key = self.key(params)
         if key is None:
             logger.info("%s: not cached: one of its inputs has no fingerprint (a Hugging Face dataset)", self.name)
-            return self.task(*args, **kwargs)
+            return self.task(*args, wait_for=wait_for, return_state=return_state, **kwargs)
         recorded = cache.recorded_outputs(key)
         reuse = not cache.fresh and recorded is not None and recorded == digest_all(self.writes(params))
         if recorded is not None and not reuse and not cache.fresh:
@@ -237,7 +248,7 @@ class CachedStage:
             result_storage=cache.results_dir,
             refresh_cache=not reuse,
         )
-        state = task(*args, return_state=True, **kwargs)
+        state = task(*args, return_state=True, wait_for=wait_for, **kwargs)
         result = state.result()  # the stage's own error, if it failed
         if state.name == "Cached":
             logger.info(
@@ -248,4 +259,4 @@ class CachedStage:
             )
         else:
             cache.record_outputs(key, self.name, digest_all(self.writes(params)))
-        return result
+        return state if return_state else result

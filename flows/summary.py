@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gptcore.errors import redact
+from gptcore.markdown import table as markdown_table
 from gptcore.registry.drift import CONFIDENCE_BINS
 from gptcore.registry.score import ScoreResult
 from gptcore.tracking import TrackingSettings
@@ -18,6 +19,7 @@ def pipeline_summary(
     *,
     workdir: Path,
     settings: TrackingSettings,
+    experiment_id: str,
     seconds: float,
     skipped: dict[str, str | None],
     data,
@@ -150,11 +152,12 @@ def pipeline_summary(
         ("ONNX packages", ", ".join(pkg.package_dir for pkg in (lm_pkg, cls_pkg, chat_pkg) if pkg is not None)),
         *([("scores", f"{scores.output_path} ({scores.rows} rows, {scores.provider})")] if scores is not None else []),
         *[("skipped", reason) for reason in skipped.values() if reason is not None],
-        ("MLflow", f"{tracking_uri} (browse: mlflow ui --backend-store-uri {tracking_uri})"),
+        ("MLflow", f"{tracking_uri} (browse: {browse(tracking_uri, experiment_id)})"),
     ]
     width = max(len(k) for k, _ in rows)
     text = "gptcore pipeline finished\n" + "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
-    markdown = "# gptcore pipeline\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    table = markdown_table(("what", "this run"), rows)
+    markdown = "# gptcore pipeline\n\n" + table
     if chat_versions:
         markdown += "\n\n" + re.sub(r"^(#+) ", r"#\1 ", chat_versions, flags=re.M)  # its headings under ours
     return {
@@ -167,31 +170,64 @@ def pipeline_summary(
         "scores_path": scores and scores.output_path,
         "scores_rows": scores and scores.rows,
         "text": text,
+        "table": table,
         "markdown": markdown,
     }
+
+
+def browse(tracking_uri: str, experiment_id: str) -> str:
+    """How to see the runs table: a local store through `mlflow ui`, a tracking server in its own UI.
+    The address asks for MLflow's "Model training" view: its UI opens an experiment in GenAI mode."""
+    runs = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{runs}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000/{runs}"
+
+
+def headline_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The summary's headline figures as metrics of the pipeline run, one section per model
+    (`lm/test_bpb`, `classifier/test_macro_f1`, `chat/...`, `majority/...`), the three exports'
+    ONNX parity side by side in `parity/...` (`parity/lm_max_abs_logit_diff`), and `pipeline/seconds`.
+    An interval is two figures (`..._low`, `..._high`); a skipped branch's figures are left out."""
+    metrics = {"pipeline/seconds": summary["seconds"]}
+    for key, value in summary["headline"].items():
+        section, figure = key.split("_", 1)
+        if figure.startswith("parity_"):
+            section, figure = "parity", f"{section}_{figure.removeprefix('parity_')}"
+        name = f"{section}/{figure}"
+        if isinstance(value, (list, tuple)):
+            metrics |= {f"{name}_low": value[0], f"{name}_high": value[1]}
+        elif isinstance(value, (int, float)):
+            metrics[name] = value
+    return metrics
 
 
 def promotion_markdown(registrations) -> str:
     """The registry decisions of one run as a markdown table (a Prefect artifact)."""
     rows = [
-        f"| {r.name} | v{r.version} | {r.metric} {r.value:.4f} | {'promoted' if r.promoted else 'challenger'} | "
-        f"v{r.champion_version} | {r.reason.replace('|', '/')} |"
+        (
+            r.name,
+            f"v{r.version}",
+            f"{r.metric} {r.value:.4f}",
+            "promoted" if r.promoted else "challenger",
+            f"v{r.champion_version}",
+            r.reason,
+        )
         for r in registrations
     ]
-    return (
-        "# Promotion decisions\n\n| model | version | metric | decision | champion | reason |\n"
-        "|---|---|---|---|---|---|\n" + "\n".join(rows)
+    return "# Promotion decisions\n\n" + markdown_table(
+        ("model", "version", "metric", "decision", "champion", "reason"), rows
     )
 
 
-def _label_rows(result: ScoreResult) -> str:
+def _label_table(result: ScoreResult, now: str) -> str:
     drift = result.drift or {}
     test = drift.get("reference_label_shares", {})
-    return "\n".join(
-        f"| {label} | {result.label_counts[label]} | {share:.1%} | "
-        f"{format(test[label], '.1%') if label in test else 'n/a'} |"
+    rows = [
+        (label, result.label_counts[label], f"{share:.1%}", format(test[label], ".1%") if label in test else "n/a")
         for label, share in result.label_shares.items()
-    )
+    ]
+    return markdown_table(("label", "rows", now, "share on the test set"), rows)
 
 
 def scoring_markdown(result: ScoreResult) -> str:
@@ -214,8 +250,7 @@ def scoring_markdown(result: ScoreResult) -> str:
         f"- input length: characters mean {chars['mean']:.0f} (p50 {chars['p50']:.0f}, p90 {chars['p90']:.0f}, "
         f"max {chars['max']:.0f}); tokens mean {tokens['mean']:.0f} (p50 {tokens['p50']:.0f}, "
         f"p90 {tokens['p90']:.0f}, max {tokens['max']:.0f})\n"
-        f"- drift: {verdict}\n\n"
-        "| label | rows | share | share on the test set |\n|---|---|---|---|\n" + _label_rows(result)
+        f"- drift: {verdict}\n\n" + _label_table(result, "share")
     )
 
 
@@ -226,14 +261,18 @@ def drift_markdown(result: ScoreResult) -> str:
         f"# Drift warning: `{result.model_uri}` on `{result.output_path}`\n\n"
         f"The predictions on these {result.rows} rows are distributed unlike the model's predictions on its "
         f"test set ({drift['reference']}, {drift['reference_examples']} examples).\n\n"
-        "| population stability index | value | threshold |\n|---|---|---|\n"
-        f"| predicted labels | {drift['label_psi']:.3f} | {drift['threshold']} |\n"
-        f"| confidence ({CONFIDENCE_BINS} bins) | {drift['confidence_psi']:.3f} | {drift['threshold']} |\n\n"
+        + markdown_table(
+            ("population stability index", "value", "threshold"),
+            [
+                ("predicted labels", f"{drift['label_psi']:.3f}", drift["threshold"]),
+                (f"confidence ({CONFIDENCE_BINS} bins)", f"{drift['confidence_psi']:.3f}", drift["threshold"]),
+            ],
+        )
+        + "\n\n"
         "PSI below 0.1 reads as stable, 0.1 to 0.25 as a moderate shift, above 0.25 as a major one. "
         "The inputs may come from another population than the training data (another topic, source or "
         "length), or the world moved: check a sample of the rows before trusting the labels.\n\n"
-        "| label | rows | share now | share on the test set |\n|---|---|---|---|\n"
-        + _label_rows(result)
+        + _label_table(result, "share now")
         + f"\n\nconfidence mean now {result.confidence['mean']:.3f}; input tokens p50 "
         f"{result.input_tokens['p50']:.0f}, max {result.input_tokens['max']:.0f}"
     )

@@ -26,6 +26,7 @@ from gptcore.export.chat import export_chat_onnx
 from gptcore.export.classifier import export_classifier_onnx
 from gptcore.export.lm import export_lm_onnx
 from gptcore.layout import EVAL_FILES, Workdir
+from gptcore.logs import quiet_libraries
 from gptcore.registry.chat_samples import chat_versions_markdown
 from gptcore.registry.register import register
 from gptcore.registry.score import score
@@ -50,11 +51,13 @@ def retry_if_transient(task, task_run, state) -> bool:
     return is_transient(state.result(raise_on_failure=False))
 
 
-# For the stages that reach over a network (the MLflow registry, the Hugging Face hub): backoff,
-# with jitter so that runs failing together do not retry together.
+# For the stages that reach over a network (the MLflow registry, the Hugging Face hub): a delay,
+# with jitter so that runs failing together do not retry together. One number, not a list of
+# growing delays: Prefect keeps the option as given in the task run's `empirical_policy.retry_delay`,
+# and its UI formats that field as one duration in seconds, so a list shows as "NaN s".
 NETWORK_RETRIES = {
     "retries": 3,
-    "retry_delay_seconds": [2, 10, 30],
+    "retry_delay_seconds": 10,
     "retry_jitter_factor": 0.5,
     "retry_condition_fn": retry_if_transient,
 }
@@ -122,6 +125,7 @@ export_chat_task = _stage(
     writes=named("out_dir"),
 )
 # What registering leaves is in the registry: reused while the model's aliases are where it left them.
+# One task per model, so that each is named for what it registers.
 register_task = _stage(
     register,
     "register",
@@ -129,18 +133,34 @@ register_task = _stage(
     writes=lambda p: [registered_aliases(p["tracking"], p["name"])],
     **NETWORK_RETRIES,
 )
+register_lm_task, register_classifier_task, register_chat_task = (
+    register_task.with_options(name=f"register-{kind}") for kind in ("lm", "classifier", "chat")
+)
 # Scoring runs every time: its model is whichever version holds the champion alias now.
 score_task = _stage(score, "score", **NETWORK_RETRIES)
 # The new chat version beside the champion it challenged, on held-out conversations: a report, made every run.
 chat_versions_task = _stage(chat_versions_markdown, "chat-versions", **NETWORK_RETRIES)
 
 
+def flow_run_tags() -> tuple[tuple[str, str], ...]:
+    """Tags for every MLflow run of this flow run: MLflow's Source column names the flow and its run."""
+    from prefect.runtime import flow_run
+
+    return (
+        ("mlflow.source.name", f"{flow_run.flow_name} (Prefect flow run {flow_run.name})"),
+        ("mlflow.source.type", "JOB"),
+        ("prefect.flow_run_id", str(flow_run.id)),
+    )
+
+
 @contextlib.contextmanager
 def gptcore_logs_to_prefect():
-    """What PREFECT_LOGGING_EXTRA_LOGGERS=gptcore does, for the length of one flow run.
+    """What PREFECT_LOGGING_EXTRA_LOGGERS=gptcore does, for the length of one flow run, with the
+    libraries quiet (`gptcore.logs`).
 
     The handlers come off again afterwards: outside a flow run they have no run to send to.
     """
+    quiet_libraries()
     target = logging.getLogger("gptcore")
     added = [h for h in logging.getLogger("prefect.extra").handlers if h not in target.handlers]
     level = target.level

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from gptcore.config import PipelineConfig
 from gptcore.errors import ConfigError, GptcoreError
 from gptcore.layout import CLASSIFIER_EVAL, LM_EVAL, SFT_EVAL, Workdir
 from gptcore.locks import refuse_if_held, workdir_lock
+from gptcore.logs import console_logging
 from gptcore.presets import PRESETS, load_config
 from gptcore.runtime.serve.limits import add_serve_flags
 from gptcore.tracking import Tracking, load_settings
@@ -361,18 +361,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=32, help="integration steps (default: %(default)s)")
     p.add_argument("--html", help="also write the explanation as an HTML page here")
     return parser
-
-
-def console_logging() -> None:
-    """gptcore's progress lines on stderr; other libraries keep their own levels (no httpx chatter)."""
-    logger = logging.getLogger("gptcore")
-    if not any(getattr(h, "_gptcore_console", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
-        handler._gptcore_console = True
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False  # Prefect's console handler on the root logger would print each line again
 
 
 # The verbs that write the work directory; `pipeline` is locked by its flow.

@@ -45,6 +45,8 @@ CHECKPOINT_ARTIFACT, CHECKPOINT_TAG = "checkpoint", "gptcore.checkpoint_artifact
 PREDICTIONS_TAG, SCORING_REFERENCE_TAG = "gptcore.predictions_artifact", "gptcore.scoring_reference_artifact"
 # a version's package and evaluation, by content: registering both again reuses the version
 REGISTRATION_DIGEST_TAG = "gptcore.registration_digest"
+# on the export run: the digest of the package it wrote (a version's source run is found by it)
+PACKAGE_DIGEST_TAG = "gptcore.package_digest"
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ A tracking or database URI may carry credentials (`http://user:password@host`, `
 from __future__ import annotations
 
 import contextlib
+import functools
+import getpass
 import json
 import logging
 import os
@@ -36,6 +38,12 @@ DEFAULT_SETTINGS = {
     "artifact_location": "{workdir}/mlartifacts",
     "experiment": "gptcore",
 }
+# Untyped, MLflow's UI guesses the experiment's kind and may open it on an empty GenAI overview of
+# traces: ours trains models, so it opens on the runs table.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# System metrics (CPU, memory, disk, network; GPU where NVML finds one) are sampled this often
+# during a training stage, under `system/` in its run.
+SYSTEM_METRICS_INTERVAL_S = 5
 
 
 @dataclass(frozen=True)
@@ -75,10 +83,12 @@ def load_settings(workdir: str | Path, config_path: str | Path | None = None) ->
 
 @dataclass(frozen=True)
 class Tracking:
-    """Where a stage logs: the settings, and the pipeline run its stage run nests under."""
+    """Where a stage logs: the settings, the pipeline run its stage run nests under, and tags every
+    stage run gets (a flow says which flow run it is: MLflow's Source column shows it)."""
 
     settings: TrackingSettings
     parent_run_id: str | None = None
+    run_tags: tuple[tuple[str, str], ...] = ()
 
     def client(self):
         from mlflow import MlflowClient
@@ -86,15 +96,20 @@ class Tracking:
         return MlflowClient(tracking_uri=self.settings.tracking_uri, registry_uri=self.settings.registry_uri)
 
     def experiment_id(self) -> str:
+        """The experiment's id, made on first use; typed for model training (`EXPERIMENT_KIND`)."""
         client = self.client()
         exp = client.get_experiment_by_name(self.settings.experiment)
         if exp is not None:
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # made by an older gptcore, or by hand
+                client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return exp.experiment_id
         location = self.settings.artifact_location
         if location and "://" not in location:
             Path(location).mkdir(parents=True, exist_ok=True)
             location = Path(location).resolve().as_uri()
-        return client.create_experiment(self.settings.experiment, artifact_location=location)
+        return client.create_experiment(
+            self.settings.experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
 
 
 class TrackingUnavailable(GptcoreError):
@@ -240,6 +255,10 @@ class StageRun:
         if self.enabled:
             self.client.log_text(self.run_id, text, artifact_file)
 
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        if self.enabled:
+            self.client.log_figure(self.run_id, figure, artifact_file)
+
     def log_dict(self, data: Any, artifact_file: str) -> None:
         if self.enabled:
             self.client.log_dict(self.run_id, data, artifact_file)
@@ -269,16 +288,25 @@ class StageRun:
 
 
 @contextlib.contextmanager
-def stage_run(tracking: Tracking | None, name: str, tags: Mapping[str, Any] | None = None) -> Iterator[StageRun]:
+def stage_run(
+    tracking: Tracking | None, name: str, tags: Mapping[str, Any] | None = None, system_metrics: bool = False
+) -> Iterator[StageRun]:
     """One MLflow run for a stage, nested under the pipeline run when there is one.
 
-    The run ends FINISHED, or FAILED when the stage raises.
+    The run ends FINISHED, or FAILED when the stage raises. With `system_metrics`, the machine's
+    load is sampled into the run while the stage runs (the training stages ask for it).
     """
     if tracking is None:
         yield StageRun(None, None)
         return
     client = tracking.client()
-    run_tags = {"gptcore.stage": name, "mlflow.runName": name, **source_tags(), **(tags or {})}
+    run_tags = {
+        "gptcore.stage": name,
+        "mlflow.runName": name,
+        **source_tags(),
+        **dict(tracking.run_tags),
+        **(tags or {}),
+    }
     if tracking.parent_run_id:
         run_tags["mlflow.parentRunId"] = tracking.parent_run_id
     shown_uri = redact(tracking.settings.tracking_uri)
@@ -290,11 +318,14 @@ def stage_run(tracking: Tracking | None, name: str, tags: Mapping[str, Any] | No
         raise
     run_id = run.info.run_id
     log.info("%s: MLflow run %s (%s)", name, run_id, shown_uri)
+    monitor = _system_metrics_monitor(run_id, tracking.settings.tracking_uri) if system_metrics else None
     try:
         stage = StageRun(client, run_id, label=f"{name}: MLflow at {shown_uri}")
         yield stage
+        _finish(monitor, run_id)
         stage.flush()  # the stage's outputs are written by now: only the metrics can be missing
     except BaseException as error:
+        _finish(monitor, run_id)
         try:
             client.set_terminated(run_id, status="FAILED")
         except Exception as e:  # MLflow may be the reason the stage failed: keep that error, not this one
@@ -305,6 +336,33 @@ def stage_run(tracking: Tracking | None, name: str, tags: Mapping[str, Any] | No
             raise safe from None
         raise
     client.set_terminated(run_id, status="FINISHED")
+
+
+def _system_metrics_monitor(run_id: str, tracking_uri: str):
+    """MLflow's own sampler of the machine's load, started on `run_id`; None where psutil is missing."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, tracking_uri=tracking_uri)
+    except ImportError as e:  # psutil is a dependency of gptcore; an environment without it still trains
+        log.warning("no system metrics for run %s: %s", run_id, e)
+        return None
+    monitor.start()
+    return monitor
+
+
+def _finish(monitor, run_id: str) -> None:
+    """Stop the sampler and send what it holds: MLflow's sends only after a whole interval, so
+    a stage shorter than one would have no system metrics at all."""
+    if monitor is None:
+        return
+    monitor.finish()
+    try:
+        if held := monitor.aggregate_metrics():
+            monitor.publish_metrics(held)
+            monitor.mlflow_logger.flush()
+    except Exception as e:  # the machine's load is not worth a stage: its own metrics and outputs stand
+        log.warning("system metrics of run %s not sent: %s: %s", run_id, type(e).__name__, redact(str(e)))
 
 
 def _redacted_error(error: Exception, context: str) -> GptcoreError | None:
@@ -318,15 +376,30 @@ def _redacted_error(error: Exception, context: str) -> GptcoreError | None:
     return kind(f"{context}: {type(error).__name__}: {redact(text)}")
 
 
+@functools.cache
 def source_tags() -> dict[str, str]:
-    """The git commit of the code that runs, when it runs from a git checkout."""
+    """Who ran what: the user, the command (MLflow's Source column), and the git commit of the code
+    that runs, when it runs from a git checkout. The same for every run of a process."""
+    tags = {
+        "mlflow.user": _user(),
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.name": " ".join([Path(sys.argv[0]).name, *sys.argv[1:2]]) if sys.argv[:1] != [""] else "python",
+    }
     try:
-        commit = subprocess.run(
+        found = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        ).stdout.strip()
+        )
+        commit = found.stdout.strip() if found.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    return {"mlflow.source.git.commit": commit} if commit else {}
+    return tags | ({"mlflow.source.git.commit": commit} if commit else {})
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container's uid with no passwd entry and no $USER
+        return f"uid {os.getuid()}"
 
 
 def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

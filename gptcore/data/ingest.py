@@ -280,9 +280,9 @@ def ingest(cfg: IngestConfig, out_dir: str | Path, tracking: Tracking | None = N
         result = load_ingest(out_dir)
         run.set_tags({"gptcore.data_digest": result.digest})
         run.log_metrics(
-            {f"{s}_documents": n for s, n in result.documents.items()}
-            | {f"{s}_bytes": n for s, n in result.bytes.items()}
-            | dict(counts)
+            {f"documents/{s}": n for s, n in result.documents.items()}
+            | {f"bytes/{s}": n for s, n in result.bytes.items()}
+            | {f"ingest/{k}": n for k, n in counts.items()}
         )
         run.log_dataset(result.manifest_path, result.digest)
     log.info(

@@ -182,12 +182,12 @@ def train_tokenizer(
         total = sum(st["bytes"] for st in splits.values())
         run.log_metrics(
             {
-                "vocab_size": vocab_size,
-                "val_bytes_per_token": result.bytes_per_token["val"],
-                "seconds": time.perf_counter() - start,
-                "mb_per_s": total / 1e6 / (time.perf_counter() - start),
+                "tokenizer/vocab_size": vocab_size,
+                "tokenizer/val_bytes_per_token": result.bytes_per_token["val"],
+                "tokenizer/seconds": time.perf_counter() - start,
+                "tokenizer/mb_per_s": total / 1e6 / (time.perf_counter() - start),
             }
-            | {f"{s}_tokens": n for s, n in result.tokens.items()}
+            | {f"tokens/{s}": n for s, n in result.tokens.items()}
         )
         run.log_artifact(result.tokenizer_path)
         run.log_dataset(out_dir / TOKENS_MANIFEST, result.digest, name="tokens")

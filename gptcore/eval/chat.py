@@ -28,6 +28,7 @@ from gptcore.config import SFTConfig
 from gptcore.data.chat import conversations, fit_row, inputs_and_targets, spread
 from gptcore.fsutil import atomic_file, write_json
 from gptcore.layout import PAD, SFT_DOC_BPB, SFT_EVAL, SFT_SAMPLES
+from gptcore.markdown import cell
 from gptcore.metrics import bits_per_byte, document_distribution, documents_digest, paired_bpb_bootstrap
 from gptcore.model import GPT, sequence_nll
 from gptcore.results import (
@@ -141,13 +142,9 @@ def samples_markdown(pairs: list[tuple[Conversation, str, str]], cfg: SFTConfig)
             f"**Reference reply**\n\n{reference}\n",
             "| base | fine-tuned |",
             "|---|---|",
-            f"| {_cell(base)} | {_cell(tuned)} |\n",
+            f"| {cell(base)} | {cell(tuned)} |\n",
         ]
     return "\n".join(lines)
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", "<br>") or "*(nothing)*"
 
 
 def evaluate_sft(
@@ -236,13 +233,13 @@ def evaluate_sft(
         )
     with stage_run(tracking, "evaluate_sft", tags={"gptcore.data_digest": meta["data_digest"]}) as run:
         run.log_metrics(
-            {f"{name}_test_{k}": v for name, f in figures.items() for k, v in f.items()}
+            {f"test/{name}_{k}": v for name, f in figures.items() for k, v in f.items()}
             | {
-                "test_response_bpb_gain": gain,
-                "test_response_bpb_gain_ci_low": ci[0],
-                "test_response_bpb_gain_ci_high": ci[1],
+                "test/response_bpb_gain": gain,
+                "test/response_bpb_gain_ci_low": ci[0],
+                "test/response_bpb_gain_ci_high": ci[1],
             }
-            | ({f"history_{k}": v for k, v in history.items() if k != "gain_ci"} if history else {})
+            | ({f"history/{k}": v for k, v in history.items() if k != "gain_ci"} if history else {})
         )
         run.log_artifact(result.metrics_path)
         run.log_artifact(result.samples_path)

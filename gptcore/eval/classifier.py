@@ -134,17 +134,17 @@ def evaluate_classifier(
     )
     with stage_run(tracking, "evaluate_classifier", tags={"gptcore.data_digest": meta["data_digest"]}) as run:
         metrics = {
-            "test_accuracy": report["accuracy"],
-            "test_macro_f1": report["macro_f1"],
-            "test_ece": report["ece"],
-            "majority_test_accuracy": baseline["accuracy"],
-            "majority_test_macro_f1": baseline["macro_f1"],
+            "test/accuracy": report["accuracy"],
+            "test/macro_f1": report["macro_f1"],
+            "test/ece": report["ece"],
+            "majority/test_accuracy": baseline["accuracy"],
+            "majority/test_macro_f1": baseline["macro_f1"],
         }
         for name in ("accuracy", "macro_f1", "ece"):
-            metrics |= dict(zip((f"test_{name}_ci_low", f"test_{name}_ci_high"), report["ci"][name]))
+            metrics |= dict(zip((f"test/{name}_ci_low", f"test/{name}_ci_high"), report["ci"][name]))
         for label, per in report["per_class"].items():
-            metrics |= {f"test_{m}_{label}": per[m] for m in ("precision", "recall", "f1")}
-        metrics["attribution_completeness_gap_max"] = max(ex.completeness_gap for ex in explained)
+            metrics |= {f"per_class/{m}_{label}": per[m] for m in ("precision", "recall", "f1")}
+        metrics["explain/completeness_gap_max"] = max(ex.completeness_gap for ex in explained)
         run.log_metrics(metrics)
         run.log_artifact(result.metrics_path)
         run.log_artifact(result.confusion_path)

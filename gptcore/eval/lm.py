@@ -199,10 +199,10 @@ def evaluate_lm(
     with stage_run(tracking, "evaluate_lm", tags=tags) as run:
         run.log_params({"eval": asdict(cfg)})
         run.log_metrics(
-            {f"{s}_{k}": v for s in ("val", "test") for k, v in scores[s].items() if k != "documents"}
-            | {f"unigram_{s}_bpb": v for s, v in unigram.items()}
-            | {f"test_doc_bpb_{k}": summary[k] for k in ("mean", "median", "p10", "p90")}
-            | {"test_documents": summary["documents"]}
+            {f"{s}/{k}": v for s in ("val", "test") for k, v in scores[s].items() if k != "documents"}
+            | {f"unigram/{s}_bpb": v for s, v in unigram.items()}
+            | {f"test/doc_bpb_{k}": summary[k] for k in ("mean", "median", "p10", "p90")}
+            | {"test/documents": summary["documents"]}
         )
         run.log_artifact(result.metrics_path)
         run.log_artifact(result.samples_path)

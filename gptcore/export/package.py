@@ -32,9 +32,10 @@ from gptcore.config import ExportConfig
 from gptcore.export.hf import write_hf_tokenizer_files
 from gptcore.export.variants import VARIANT_FILES, build_variant, fused_op_counts, optimize_graph
 from gptcore.fsutil import atomic_dir, write_json
-from gptcore.layout import EOT, PACKAGE_META, PAD
+from gptcore.layout import EOT, PACKAGE_DIGEST_TAG, PACKAGE_META, PAD
 from gptcore.model import GPT
 from gptcore.results import ExportResult, load_export
+from gptcore.runtime.package import package_digest
 from gptcore.runtime.template import HF_CHAT_TEMPLATE, ROLES
 from gptcore.tracking import Tracking, stage_run
 
@@ -200,15 +201,18 @@ def write_package(
 
 def log_export(tracking: Tracking | None, name: str, result: ExportResult, model_meta: dict) -> None:
     meta = load_export(result.package_dir)
-    with stage_run(tracking, name, tags={"gptcore.data_digest": model_meta["data_digest"]}) as run:
+    tags = {"gptcore.data_digest": model_meta["data_digest"]}
+    if tracking is not None:
+        tags[PACKAGE_DIGEST_TAG] = package_digest(Path(result.package_dir))
+    with stage_run(tracking, name, tags=tags) as run:
         figures = {
-            f"{variant}_{k}": float(v)
+            f"parity/{variant}_{k}": float(v)
             for variant, entry in meta["variants"].items()
             for k, v in entry["parity"].items()
             if isinstance(v, (int, float))
         }
         run.log_metrics(
-            figures | {f"fused_{k}": v for k, v in meta["fused_ops"].items()} | {"onnx_bytes": result.onnx_bytes}
+            figures | {f"fused/{k}": v for k, v in meta["fused_ops"].items()} | {"onnx/bytes": result.onnx_bytes}
         )
         run.log_params({"variants": ",".join(meta["variants"]), "optimized": bool(meta["fusions"])})
         run.log_artifact(Path(result.package_dir) / PACKAGE_META)  # the graphs themselves go to the registry

@@ -10,16 +10,12 @@ from __future__ import annotations
 
 from gptcore.config import SFTConfig
 from gptcore.data.chat import conversations, spread
+from gptcore.markdown import cell
 from gptcore.registry.register import RegisterResult
 from gptcore.runtime import load_model
 from gptcore.runtime.template import Conversation
 
 SAMPLES = 3
-
-
-def cell(text: str) -> str:
-    """Text for one markdown table cell: pipes escaped, lines joined (MLflow's viewer shows no <br>)."""
-    return " / ".join(text.replace("|", "\\|").splitlines()) or "*(nothing)*"
 
 
 def fitting(model, candidates: list[Conversation], max_new_tokens: int) -> list[Conversation]:

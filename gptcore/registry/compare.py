@@ -236,12 +236,12 @@ def log_report(tracking: Tracking | None, report: dict, main: str) -> None:
     with stage_run(tracking, "evaluate_versions", tags={"gptcore.eval_data_digest": report["data_digest"]}) as run:
         run.log_params({"data": report["data"], "rows": report["rows"], "models": " ".join(uris)})
         metrics = {
-            f"model{i}_{metric}": v[key] for i, v in enumerate(report["versions"]) for metric, key in headline.items()
+            f"model{i}/{metric}": v[key] for i, v in enumerate(report["versions"]) for metric, key in headline.items()
         }
         for i, c in enumerate(report["comparisons"], start=1):
-            metrics[f"model{i}_promote"] = float(c["promote"])
+            metrics[f"model{i}/promote"] = float(c["promote"])
             if c["figures"]:
-                metrics[f"model{i}_{main}_delta"] = c["figures"][main]["delta"]
-                metrics |= dict(zip((f"model{i}_{main}_ci_low", f"model{i}_{main}_ci_high"), c["figures"][main]["ci"]))
+                metrics[f"model{i}/{main}_delta"] = c["figures"][main]["delta"]
+                metrics |= dict(zip((f"model{i}/{main}_ci_low", f"model{i}/{main}_ci_high"), c["figures"][main]["ci"]))
         run.log_metrics(metrics)
         run.log_dict(report, "evaluate_versions.json")

@@ -4,8 +4,10 @@ Each registered version is an MLflow pyfunc model (`gptcore.runtime.pyfunc`, log
 from code: no pickle) that carries the self-contained model package (ONNX graph, tokenizer,
 description) as its artifact `package`, so `mlflow.pyfunc.load_model` and `mlflow models serve`
 generate and classify with it, and `gptcore.runtime.load_model` finds the package inside. It is
-a LoggedModel of a `register_*` run, tagged with the data digest, tokenizer digest, git commit
-and config. A new version gets the alias `challenger`; the first version is champion.
+a LoggedModel named after its registered model, of the export run that wrote the package (the
+version's source run; `gptcore.registry.lineage`), tagged with the data digest, tokenizer digest
+and git commit, with the config as a file beside it and a description linking the runs that made
+it. A new version gets the alias `challenger`; the first version is champion.
 A version takes `champion` through a paired-bootstrap gate (`gptcore.registry.promotion`) on the test
 examples both versions were evaluated on: the classifier's per-passage predictions, the LM's
 per-document bits per byte. Against a champion that kept no such evidence, it must beat the
@@ -13,9 +15,11 @@ champion's stored test metric (bits per byte, lower is better; macro-F1, higher)
 and its figures are tags on both versions.
 
 A classifier version also keeps the torch checkpoint its package was exported from (safetensors,
-model.json, tokenizer.json) under `checkpoint/` of its run, for `gptcore explain`, and its test
-documents' probabilities as batch scoring reads them (the evaluation's scoring reference, tag
+model.json, tokenizer.json) in its source run, for `gptcore explain`, and its test documents'
+probabilities as batch scoring reads them (the evaluation's scoring reference, tag
 `gptcore.scoring_reference_artifact`), the drift monitor's reference (`gptcore.registry.score`).
+Each is kept under `registrations/<digest>/`, the folder of its registration: another evaluation
+of the same package makes another version from the same export run.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from gptcore.layout import (
     TOKENIZER_FILE,
 )
 from gptcore.registry.gates import GateDecision, classifier_gate, lm_gate
+from gptcore.registry.lineage import producing_runs, version_description
 from gptcore.registry.promotion import AliasMovedError, apply_decision, current_champion, decide
 from gptcore.results import load_export, read_eval
 from gptcore.runtime.package import package_digest
@@ -52,6 +57,8 @@ from gptcore.tracking import Tracking, source_tags, stage_run
 
 log = logging.getLogger("gptcore.registry")
 
+CONFIG_TAG = "gptcore.config_artifact"  # the pipeline config a version was made with, as a file of its source run
+VARIANT_TAG_PREFIX = "gptcore.variant."  # + fp32, fp16, int8: that variant's parity figures
 PARITY_TAG_FIELDS = ("max_abs_logit_diff", "greedy_agreement", "greedy_tokens_equal")
 CHECKPOINT_FILES = ("model.safetensors", "model.json")  # never state.pt: readers stay pickle-free
 # kind -> (metric, direction, where the metric sits in the evaluation JSON)
@@ -103,8 +110,8 @@ def pyfunc_requirements() -> list[str]:
     return pins
 
 
-def log_pyfunc(run, package_dir: str | Path, meta: dict[str, Any]):
-    """Log the package as an MLflow pyfunc LoggedModel of `run`; return the LoggedModel.
+def log_pyfunc(client, run_id: str, name: str, package_dir: str | Path, meta: dict[str, Any]):
+    """Log the package as an MLflow pyfunc LoggedModel `name` of run `run_id`; return the LoggedModel.
 
     Driven through the run's client like every other log call here: MLflow's fluent
     `log_model` would need the process-wide tracking URI and active run.
@@ -115,12 +122,11 @@ def log_pyfunc(run, package_dir: str | Path, meta: dict[str, Any]):
 
     from gptcore.runtime.pyfunc import signature
 
-    client = run.client
-    experiment_id = client.get_run(run.run_id).info.experiment_id
+    experiment_id = client.get_run(run_id).info.experiment_id
     model = client.create_logged_model(
-        experiment_id, name="model", source_run_id=run.run_id, model_type=f"gptcore-{meta['kind']}"
+        experiment_id, name=name, source_run_id=run_id, model_type=f"gptcore-{meta['kind']}"
     )
-    client.log_outputs(run.run_id, [LoggedModelOutput(model.model_id, step=0)])
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # No input example, on purpose: MLflow would load the model and run it to check one.
         warnings.filterwarnings("ignore", ".*An input example was not provided", UserWarning)
@@ -133,7 +139,7 @@ def log_pyfunc(run, package_dir: str | Path, meta: dict[str, Any]):
             pip_requirements=pyfunc_requirements(),
             mlflow_model=Model(
                 artifact_path=model.artifact_location,
-                run_id=run.run_id,
+                run_id=run_id,
                 model_id=model.model_id,
                 model_uuid=model.model_id,
             ),
@@ -172,18 +178,16 @@ def registered_version(client, name: str, digest: str) -> str | None:
     return min((str(v.version) for v in found), key=int, default=None)
 
 
-def new_version(client, run, name: str, package_dir, meta: dict, tags: dict, checkpoint, evaluated) -> str:
-    """Log the package (as a pyfunc), its checkpoint and evaluation files to `run`, and make them a new version."""
+def new_version(
+    client, source_run_id: str, name: str, package_dir, meta: dict, tags: dict, kept: dict, description: str
+) -> str:
+    """Log the package (as a pyfunc), and the files the version keeps beside it (`kept`: local file
+    -> artifact directory), to its source run, and make them a new version."""
     from mlflow.exceptions import MlflowException
 
-    logged = log_pyfunc(run, package_dir, meta)
-    if checkpoint is not None:
-        for file in CHECKPOINT_FILES:  # not `name`: that is the registered model's
-            run.log_artifact(checkpoint / file, CHECKPOINT_ARTIFACT)
-        run.log_artifact(Path(package_dir) / TOKENIZER_FILE, CHECKPOINT_ARTIFACT)
-    for path in evaluated:
-        if path is not None:
-            run.log_artifact(str(path), "evaluation")
+    logged = log_pyfunc(client, source_run_id, name, package_dir, meta)
+    for path, directory in kept.items():
+        client.log_artifact(source_run_id, str(path), directory)
     try:
         client.create_registered_model(name, description=f"gptcore {meta['kind']} (ONNX package)")
     except MlflowException:
@@ -193,8 +197,9 @@ def new_version(client, run, name: str, package_dir, meta: dict, tags: dict, che
     return client.create_model_version(
         name,
         source=logged.artifact_location,
-        run_id=run.run_id,
+        run_id=source_run_id,
         tags={k: str(v) for k, v in tags.items()},
+        description=description,
         model_id=logged.model_id,
     ).version
 
@@ -217,46 +222,58 @@ def register(
     evaluation = read_eval(eval_path)
     value = float(evaluation[section][key])
     evidence, paired_gate = EVIDENCE[meta["kind"]]
-    kept = evaluation[section].get(evidence)
-    predictions = Path(eval_path).parent / kept["file"] if kept else None
+    evidence_kept = evaluation[section].get(evidence)
+    predictions = Path(eval_path).parent / evidence_kept["file"] if evidence_kept else None
     scoring_reference = evaluation[section].get("scoring_reference")  # a classifier's, evaluated since it was kept
     scoring_reference = Path(eval_path).parent / scoring_reference["file"] if scoring_reference else None
-    registration = f"{package_digest(Path(package_dir))} {sha256_file(eval_path)}"
+    digest = package_digest(Path(package_dir))
+    registration = hashlib.sha256(f"{digest} {sha256_file(eval_path)}".encode()).hexdigest()
+    # What the version keeps beside its model, in its source run, under a folder of this registration:
+    # another evaluation of the same package registers another version from the same export run.
+    folder = f"registrations/{registration[:16]}"
+    kept: dict[Path, str] = {}
     tags = {
-        REGISTRATION_DIGEST_TAG: hashlib.sha256(registration.encode()).hexdigest(),
+        REGISTRATION_DIGEST_TAG: registration,
         "gptcore.kind": meta["kind"],
         "gptcore.data_digest": meta["data_digest"],
         "gptcore.tokenizer_digest": meta["tokenizer_digest"],
         "gptcore.tokens_digest": meta.get("tokens_digest"),
         f"gptcore.metric.{metric}": value,
-        "gptcore.parity": json.dumps(meta["parity"]),
         **source_tags(),
     }
-    # each precision variant ships in the version's package; its parity figures are on the version too
-    tags["gptcore.variants"] = json.dumps(
-        {
-            variant: {k: entry["parity"].get(k) for k in PARITY_TAG_FIELDS}
-            for variant, entry in meta.get("variants", {}).items()
-        }
-    )
-    if kept:
-        tags["gptcore.test_examples_digest"] = kept["examples_digest"]
-        tags[PREDICTIONS_TAG] = f"evaluation/{kept['file']}"
+    # each precision variant ships in the version's package; its parity figures are on the version
+    # too, one short tag per variant (3 significant digits)
+    for variant, entry in meta.get("variants", {}).items():
+        figures = {k: entry["parity"].get(k) for k in PARITY_TAG_FIELDS}
+        tags[f"{VARIANT_TAG_PREFIX}{variant}"] = json.dumps(
+            {k: float(f"{v:.3g}") if isinstance(v, float) else v for k, v in figures.items()}
+        )
+    if evidence_kept:
+        tags["gptcore.test_examples_digest"] = evidence_kept["examples_digest"]
+        tags[PREDICTIONS_TAG] = f"{folder}/evaluation/{predictions.name}"
+        kept[predictions] = f"{folder}/evaluation"
     if scoring_reference is not None:
-        tags[SCORING_REFERENCE_TAG] = f"evaluation/{scoring_reference.name}"
-    if config is not None:
-        tags["gptcore.config"] = json.dumps(config, sort_keys=True)[:5000]
+        tags[SCORING_REFERENCE_TAG] = f"{folder}/evaluation/{scoring_reference.name}"
+        kept[scoring_reference] = f"{folder}/evaluation"
     checkpoint = source_checkpoint(meta)
     if checkpoint is not None:
-        tags[CHECKPOINT_TAG] = CHECKPOINT_ARTIFACT
+        tags[CHECKPOINT_TAG] = f"{folder}/{CHECKPOINT_ARTIFACT}"
+        for file in (*(checkpoint / f for f in CHECKPOINT_FILES), Path(package_dir) / TOKENIZER_FILE):
+            kept[file] = tags[CHECKPOINT_TAG]
     client = tracking.client()
     with stage_run(tracking, f"register_{meta['kind']}", tags={"gptcore.data_digest": meta["data_digest"]}) as run:
-        version = registered_version(client, name, tags[REGISTRATION_DIGEST_TAG])
+        version = registered_version(client, name, registration)
         if version is not None:
             log.info("register: %s v%s holds this package and evaluation already: deciding on it", name, version)
         else:
-            evaluated = (predictions, scoring_reference)
-            version = new_version(client, run, name, package_dir, meta, tags, checkpoint, evaluated)
+            runs = producing_runs(tracking, tracking.experiment_id(), meta["kind"], digest)
+            source_run_id = runs["exported"].info.run_id if "exported" in runs else run.run_id
+            if config is not None:  # the whole config, as a file: as a tag it would bury the others
+                tags[CONFIG_TAG] = f"{folder}/config.json"
+                client.log_dict(source_run_id, config, tags[CONFIG_TAG])
+            runs["registered"] = client.get_run(run.run_id)
+            description = version_description(meta["kind"], metric, value, meta, runs)
+            version = new_version(client, source_run_id, name, package_dir, meta, tags, kept, description)
         client.set_registered_model_alias(name, CHALLENGER, version)
         for attempt in range(1, DECIDE_ATTEMPTS + 1):
             champion = current_champion(client, name)
@@ -270,7 +287,7 @@ def register(
                 value,
                 direction,
                 predictions,
-                kept and kept["examples_digest"],
+                evidence_kept and evidence_kept["examples_digest"],
                 gate,
                 paired_gate,
             )
@@ -283,7 +300,7 @@ def register(
                 log.warning("register: %s; deciding again", e)  # deciding costs seconds, not an evaluation
         promoted, reason = decision.promote, decision.reason
         champion_version = version if promoted else champion.version
-        run.log_metrics({metric: value, "promoted": float(promoted)})
+        run.log_metrics({f"registry/{metric}": value, "registry/promoted": float(promoted)})
         run.set_tags({"gptcore.registered_model": f"{name}/{version}", "gptcore.promotion": reason})
     log.info(
         "register: %s v%s (%s %.4f): %s; champion is v%s (%s)",

@@ -192,17 +192,17 @@ def _score(
             }
         )
         metrics = {
-            "rows": result.rows,
-            "rows_per_s": result.rows / result.seconds,
-            "chunks_skipped": result.chunks_skipped,
-            "drift_warning": float(result.drift_warning),
+            "score/rows": result.rows,
+            "score/rows_per_s": result.rows / result.seconds,
+            "score/chunks_skipped": result.chunks_skipped,
+            "drift/warning": float(result.drift_warning),
         }
-        metrics |= {f"predicted_{metric_name(k)}": v for k, v in result.label_counts.items()}
-        metrics |= {f"predicted_share_{metric_name(k)}": v for k, v in result.label_shares.items()}
+        metrics |= {f"predicted/{metric_name(k)}": v for k, v in result.label_counts.items()}
+        metrics |= {f"predicted_share/{metric_name(k)}": v for k, v in result.label_shares.items()}
         for name in ("confidence", "input_chars", "input_tokens"):
-            metrics |= {f"{name}_{k}": v for k, v in getattr(result, name).items()}
+            metrics |= {f"{name}/{k}": v for k, v in getattr(result, name).items()}
         if drift is not None:
-            metrics |= {"drift_label_psi": drift["label_psi"], "drift_confidence_psi": drift["confidence_psi"]}
+            metrics |= {"drift/label_psi": drift["label_psi"], "drift/confidence_psi": drift["confidence_psi"]}
         run.log_metrics(metrics)
         run.set_tags({"gptcore.drift_warning": str(result.drift_warning).lower()})
         run.log_dict(stats | {"drift": drift}, "monitoring.json")

@@ -88,12 +88,12 @@ def finetune(
         return {"val_macro_f1": report["macro_f1"], "val_accuracy": report["accuracy"]}
 
     tags = {"gptcore.data_digest": pretrained.data_digest, "gptcore.tokenizer_digest": pretrained.tokenizer_digest}
-    with stage_run(tracking, "finetune", tags=tags) as run:
+    with stage_run(tracking, "finetune", tags=tags, system_metrics=True) as run:
         run.log_dataset(Path(data_dir) / INGEST_MANIFEST, pretrained.data_digest)
         run.log_params(
             {"finetune": asdict(cfg), "labels": labels, "train_passages": len(train), "val_passages": len(val)}
         )
-        run.log_metrics({"trainable_fraction": meta["trainable_fraction"]})
+        run.log_metrics({"train/trainable_fraction": meta["trainable_fraction"]})
         counts = np.bincount(train.labels, minlength=len(labels))
         log.info(
             "finetune: %d train / %d val passages of <= %d tokens; classes %s",
@@ -136,5 +136,5 @@ def finetune(
             train_seconds=fitted.train_seconds,
         )
         write_json(Path(out_dir) / RESULT_FILE, asdict(result))
-        run.log_metrics({"best_val_macro_f1": result.best_val_macro_f1, "best_val_accuracy": result.best_val_accuracy})
+        run.log_metrics({"best/val_macro_f1": result.best_val_macro_f1, "best/val_accuracy": result.best_val_accuracy})
     return result

@@ -24,6 +24,7 @@ from gptcore.fsutil import append_jsonl, truncate_jsonl
 from gptcore.layout import BEST_DIR
 from gptcore.tracking import StageRun
 from gptcore.train.checkpoint import resume_point, rng_state, save_checkpoint, set_rng_state
+from gptcore.train.curves import log_loss_chart, tracked_name
 from gptcore.train.distributed import DistInfo, barrier, gather_to_all, mean_across_ranks
 from gptcore.train.optim import configure_optimizers
 from gptcore.train.parallel import data_parallel
@@ -272,7 +273,7 @@ def fit(
             )
             if dist.is_main:
                 append_jsonl(metrics_log, record)
-                run.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step)
+                run.log_metrics({tracked_name(k): v for k, v in record.items() if k != "step"}, step=step)
             state["tokens_seen"] += tokens_since_log
             tokens_since_log, steps_since_log, loss_sum = 0, 0, torch.zeros((), device=device)
         if step % cfg.eval_interval == 0 or last:
@@ -297,7 +298,7 @@ def fit(
             weights = parallel.full_weights(model, aliases) if improved else None  # every rank: FSDP gathers
             if dist.is_main:
                 append_jsonl(metrics_log, {"step": step, **last_metrics})
-                run.log_metrics(last_metrics, step=step)
+                run.log_metrics({tracked_name(k): v for k, v in last_metrics.items()}, step=step)
                 if improved:
                     save_weights(weights, best_dir, meta)
             clock.resume()
@@ -331,6 +332,8 @@ def fit(
             break
     clock.pause()
     state["train_seconds"] = clock.seconds
+    if dist.is_main:
+        log_loss_chart(run, name, metrics_log)
     return FitResult(
         steps=step,
         best_dir=str(best_dir),

@@ -66,7 +66,7 @@ def pretrain(
         "gptcore.tokens_digest": tokens.digest,
     }
     try:
-        with stage_run(tracking if dist.is_main else None, "pretrain", tags=tags) as run:
+        with stage_run(tracking if dist.is_main else None, "pretrain", tags=tags, system_metrics=True) as run:
             run.log_dataset(Path(tokenized_dir) / TOKENS_MANIFEST, tokens.digest, name="tokens")
             run.log_params(
                 {
@@ -119,7 +119,7 @@ def pretrain(
             )
             if dist.is_main:
                 write_json(Path(out_dir) / RESULT_FILE, asdict(result))
-            run.log_metrics({"best_val_loss": result.best_val_loss, "train_seconds": result.train_seconds})
+            run.log_metrics({"best/val_loss": result.best_val_loss, "train/seconds": result.train_seconds})
     finally:
         teardown(dist)
     return result

@@ -74,7 +74,7 @@ def sft(
         return {"val_response_loss": float(nll.sum() / val_rows.loss[:, 1:].sum())}
 
     tags = {"gptcore.data_digest": meta["data_digest"], "gptcore.tokenizer_digest": meta["tokenizer_digest"]}
-    with stage_run(tracking, "sft", tags=tags) as run:
+    with stage_run(tracking, "sft", tags=tags, system_metrics=True) as run:
         run.log_params(
             {
                 "sft": asdict(cfg),
@@ -84,7 +84,7 @@ def sft(
                 "chat_tokens": ", ".join(f"{t} {i}" for t, i in chat_ids.items()),
             }
         )
-        run.log_metrics({"trainable_fraction": meta["trainable_fraction"]})
+        run.log_metrics({"train/trainable_fraction": meta["trainable_fraction"]})
         loss_tokens = int(train_rows.loss.sum())
         log.info(
             "sft: %d train conversations packed into %d rows of %d tokens (%.0f%% carry loss, %d cut to fit); "
@@ -125,6 +125,6 @@ def sft(
             train_seconds=fitted.train_seconds,
         )
         write_json(out_dir / RESULT_FILE, asdict(result))
-        run.log_metrics({"best_val_response_loss": result.best_val_response_loss})
+        run.log_metrics({"best/val_response_loss": result.best_val_response_loss})
         run.log_artifact(result.tokenizer_path)
     return result

@@ -119,6 +119,7 @@ def test_pipeline_summary_shows_the_tracking_uri_redacted(tmp_path, secret_env):
     summary = pipeline_summary(
         workdir=tmp_path,
         settings=settings,
+        experiment_id="1",
         seconds=1.0,
         skipped={"classifier": "no labels", "chat": "no dialogue", "score": "no classifier"},
         data=SimpleNamespace(documents={"train": 8, "val": 1, "test": 1}, digest="0" * 64),

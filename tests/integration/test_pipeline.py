@@ -1,9 +1,12 @@
 """End to end: the real Prefect flow (temporary local server), real MLflow (SQLite), real ONNX Runtime."""
 
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
+from flows.pipeline import STAGE_GRAPH
 from gptcore.layout import CHAMPION
 
 
@@ -79,6 +82,57 @@ def test_tiny_pipeline_end_to_end(prefect_server, tmp_path, monkeypatch):
     versions = artifacts["gptcore-chat-versions"]  # the new chat version answering held-out conversations
     assert versions.count("## Conversation") == 3 and "v1 (new)" in versions
     assert "### Conversation 1" in artifacts["gptcore-pipeline-summary"]
+
+    # What a person reads: the summary's table whole, the flow graph the pipeline's, runs and versions
+    # that say what they are.
+    table = markdown_rows(artifacts["gptcore-pipeline-summary"])
+    assert table[0] == ["what", "this run"] and all(len(row) == 2 for row in table)
+    assert "max \\|dlogit\\|" in dict(table)["ONNX parity"] and "chat max" in dict(table)["ONNX parity"]
+    assert task_graph(state.state_details.flow_run_id) == {
+        stage: set(upstream) for stage, upstream in STAGE_GRAPH.items()
+    }
+    assert client.get_experiment(exp.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    for run in runs:
+        assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.type"] == "JOB"
+        assert run.data.tags["mlflow.source.name"].startswith("gptcore-pipeline (Prefect flow run ")
+    headline = parent[0].data.metrics
+    assert headline["lm/test_bpb"] == pytest.approx(h["lm_test_bpb"]) and headline["pipeline/seconds"] > 0
+    assert "classifier/test_macro_f1_ci_low" in headline and "chat/test_response_bpb" in headline
+    by_stage = {r.data.tags["gptcore.stage"]: r for r in runs}
+    pretrain = by_stage["pretrain"].data.metrics
+    assert {"loss/train", "loss/val", "train/lr", "system/cpu_utilization_percentage"} <= set(pretrain)
+    assert [a.path for a in client.list_artifacts(by_stage["pretrain"].info.run_id, "charts")] == ["charts/loss.png"]
+    for name, kind in (("gptcore-lm", "lm"), ("gptcore-classifier", "classifier"), ("gptcore-chat", "chat")):
+        version = client.get_model_version(name, "1")
+        assert version.run_id == by_stage[f"export_{kind}"].info.run_id  # the run that wrote the package
+        trained = {"lm": "pretrain", "classifier": "finetune", "chat": "sft"}[kind]
+        assert by_stage[trained].info.run_id in version.description
+        assert max(len(v) for v in version.tags.values()) < 300
+
+
+def markdown_rows(markdown: str) -> list[list[str]]:
+    """The cells of the first table in a markdown text (header first), split on unescaped pipes."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    rows = [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines[start:end]]
+    return [row for row in rows if set("".join(row)) != {"-"}]
+
+
+def task_graph(flow_run_id) -> dict[str, set[str]]:
+    """Each task run of a flow run (by task name) -> the task names it waited on or took inputs from."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    names = {run.id: run.name.rsplit("-", 1)[0] for run in task_runs}
+    return {
+        names[run.id]: {
+            names[i.id] for inputs in run.task_inputs.values() for i in inputs if getattr(i, "id", None) in names
+        }
+        for run in task_runs
+    }
 
 
 def prefect_artifacts(flow_run_id) -> dict[str, str]:

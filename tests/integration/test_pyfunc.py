@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gptcore.registry.register import register
+from gptcore.registry.register import VARIANT_TAG_PREFIX, register
 from gptcore.runtime import load_model, resolve_model_uri
 from gptcore.runtime.package import FILES
 from gptcore.tracking import Tracking, TrackingSettings
@@ -174,7 +174,8 @@ def test_registered_version_is_a_pickle_free_pyfunc_holding_the_package(versions
     package = resolve_model_uri("models:/lm@champion")
     assert set(FILES) | {"model.fp16.onnx", "model.int8.onnx"} <= {p.name for p in package.iterdir()}
     version = mlflow.MlflowClient().get_model_version_by_alias("lm", "champion")
-    variants = json.loads(version.tags["gptcore.variants"])  # every variant's parity figures, on the version
+    tags = version.tags  # every variant's parity figures, on the version
+    variants = {k.removeprefix(VARIANT_TAG_PREFIX): json.loads(v) for k, v in tags.items() if VARIANT_TAG_PREFIX in k}
     assert set(variants) == {"fp32", "fp16", "int8"} and variants["int8"]["greedy_agreement"] >= 0.9
     assert load_model("models:/lm@champion", device="cpu", variant="int8").variant == "int8"
     assert resolve_model_uri(model_dir) == model_dir / "artifacts" / versions["lm"].name

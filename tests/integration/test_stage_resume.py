@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 from prefect import flow
 
+from flows.pipeline import STAGE_GRAPH
 from flows.stage_cache import named, stage_cache
 from flows.tasks import NETWORK_RETRIES, _stage
 from gptcore.errors import InputError
 from gptcore.fsutil import append_jsonl, atomic_dir
+from tests.integration.test_pipeline import task_graph
 
 
 @dataclass
@@ -162,7 +164,9 @@ def test_a_failed_pipeline_resumes_at_the_stage_that_failed(prefect_server, tmp_
         "export-lm",
         "export-classifier",
         "export-chat",
-        "register",
+        "register-lm",
+        "register-classifier",
+        "register-chat",
         "score",
         "chat-versions",
     }
@@ -174,6 +178,7 @@ def test_a_failed_pipeline_resumes_at_the_stage_that_failed(prefect_server, tmp_
     assert again.is_completed()
     assert {name for name, s in states.items() if set(s) != {"Cached"}} == {"score", "chat-versions"}
     assert again.result()["headline"] == resumed.result()["headline"]  # results read back from JSON as they were
+    assert task_graph(again.state_details.flow_run_id) == {k: set(v) for k, v in STAGE_GRAPH.items()}  # cached too
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
     for name in ("gptcore-lm", "gptcore-classifier", "gptcore-chat"):
         assert [str(v.version) for v in client.search_model_versions(f"name='{name}'")] == ["1"]

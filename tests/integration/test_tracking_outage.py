@@ -16,6 +16,7 @@ from gptcore.model import GPT
 from gptcore.tracking import StageRun, Tracking, TrackingSettings, TrackingUnavailable, stage_run
 from gptcore.train.batches import TokenBatches
 from gptcore.train.checkpoint import latest_checkpoint
+from gptcore.train.curves import tracked_name
 from gptcore.train.distributed import setup
 from gptcore.train.loop import fit, lm_loss
 from tests.servers import background, clean_env, free_port, mlflow_server_command, wait_ready
@@ -103,10 +104,10 @@ def test_no_metric_is_lost_to_an_mlflow_outage_during_training(outage_settings, 
         assert client.get_run(run_id).info.status == "FINISHED"
         logged = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
         for name in ("train_loss", "val_loss"):
-            history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
+            history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, tracked_name(name)))
             assert history == [(r["step"], pytest.approx(r[name])) for r in logged if name in r]
         assert [step for step, _ in history] == [4, 8, 12]
-        assert len(client.get_metric_history(run_id, "train_loss")) == TRAIN.max_steps
+        assert len(client.get_metric_history(run_id, "loss/train")) == TRAIN.max_steps
 
         # Down at the end of a stage: the stage fails, but only once its checkpoint is on disk.
         def down_at_the_end(run: StageRun, n: int) -> None:

@@ -121,7 +121,7 @@ def test_evaluation_writes_and_logs_the_attribution_page(trained, mlflow_trackin
     client = mlflow_tracking.client()
     (run,) = client.search_runs([mlflow_tracking.experiment_id()], "tags.`gptcore.stage` = 'evaluate_classifier'")
     assert "attributions.html" in [a.path for a in client.list_artifacts(run.info.run_id)]
-    assert run.data.metrics["attribution_completeness_gap_max"] < 0.5
+    assert run.data.metrics["explain/completeness_gap_max"] < 0.5
 
 
 def test_registered_version_keeps_its_checkpoint_and_explains_by_uri(
@@ -131,11 +131,12 @@ def test_registered_version_keeps_its_checkpoint_and_explains_by_uri(
     reg = register(classifier_package.package_dir, evaluation.metrics_path, "clf", mlflow_tracking)
     client = mlflow_tracking.client()
     version = client.get_model_version("clf", reg.version)
-    assert version.tags[CHECKPOINT_TAG] == "checkpoint"
-    assert sorted(a.path for a in client.list_artifacts(version.run_id, "checkpoint")) == [
-        "checkpoint/model.json",
-        "checkpoint/model.safetensors",
-        "checkpoint/tokenizer.json",
+    kept = version.tags[CHECKPOINT_TAG]  # in the folder of this registration
+    assert kept.startswith("registrations/") and kept.endswith("/checkpoint")
+    assert sorted(a.path.removeprefix(f"{kept}/") for a in client.list_artifacts(version.run_id, kept)) == [
+        "model.json",
+        "model.safetensors",
+        "tokenizer.json",
     ]
 
     settings = tmp_path / "mlflow.yaml"

@@ -70,7 +70,7 @@ def test_two_registered_versions_on_csv_with_integer_labels(
     run = mlflow_tracking.client().search_runs(
         [mlflow_tracking.experiment_id()], "tags.`gptcore.stage` = 'evaluate_versions'"
     )[0]
-    assert run.data.metrics["model1_accuracy"] == second["accuracy"] and run.data.metrics["model1_promote"] == 0.0
+    assert run.data.metrics["model1/accuracy"] == second["accuracy"] and run.data.metrics["model1/promote"] == 0.0
 
     jsonl = write_jsonl(tmp_path / "data.jsonl", [{"text": t, "label": label} for t, label in rows()])
     by_name = evaluate_versions(two_versions[:1], jsonl, tracking_uri=settings.tracking_uri, device="cpu")

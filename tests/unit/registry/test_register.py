@@ -49,7 +49,48 @@ def test_first_version_is_champion_worse_stays_challenger_better_wins(mlflow_tra
     assert champion.tags["gptcore.data_digest"] == "d" * 64
     assert champion.tags["gptcore.tokenizer_digest"] == "t" * 64
     assert float(champion.tags["gptcore.metric.test_bpb"]) == 1.5
-    assert json.loads(client.get_model_version("lm", first.version).tags["gptcore.config"]) == {"x": 1}
+
+
+def test_a_version_reads_as_what_it_is_and_links_the_runs_that_made_it(mlflow_tracking, tmp_path):
+    import dataclasses
+
+    import mlflow.artifacts
+
+    from gptcore.layout import PACKAGE_DIGEST_TAG
+    from gptcore.registry.register import CONFIG_TAG
+    from gptcore.runtime.package import package_digest
+    from gptcore.tracking import stage_run
+
+    pkg = fake_package(tmp_path / "pkg", "lm")
+    config = {"model": {"n_layer": 2, "notes": "x" * 4000}}  # a config of any size stays out of the tags
+    with stage_run(mlflow_tracking, "pipeline") as parent:
+        inside = dataclasses.replace(mlflow_tracking, parent_run_id=parent.run_id)
+        runs = {}
+        for stage, tags in (
+            ("pretrain", {}),
+            ("evaluate_lm", {}),
+            ("export_lm", {PACKAGE_DIGEST_TAG: package_digest(pkg)}),
+        ):
+            with stage_run(inside, stage, tags=tags) as run:
+                runs[stage] = run.run_id
+        result = register(pkg, eval_file(tmp_path / "e.json", "test", "bpb", 2.0), "lm", inside, config)
+    client = mlflow_tracking.client()
+    version = client.get_model_version("lm", result.version)
+    assert version.run_id == runs["export_lm"]  # the source run: the run that wrote the package
+    assert "test_bpb 2.0000" in version.description
+    for stage, run_id in runs.items():
+        assert f"[{stage}](#/experiments/" in version.description and run_id in version.description
+    assert "[register_lm](#/experiments/" in version.description
+    logged = client.search_logged_models([mlflow_tracking.experiment_id()])
+    assert [(m.name, m.source_run_id) for m in logged] == [("lm", runs["export_lm"])]
+    assert max(len(value) for value in version.tags.values()) < 300
+    config_file = mlflow.artifacts.download_artifacts(
+        run_id=version.run_id,
+        artifact_path=version.tags[CONFIG_TAG],
+        dst_path=str(tmp_path / "dl"),
+        tracking_uri=mlflow_tracking.settings.tracking_uri,
+    )
+    assert json.loads(Path(config_file).read_text()) == config
 
 
 def test_registered_version_is_self_contained(mlflow_tracking, tmp_path):

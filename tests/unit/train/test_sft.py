@@ -58,8 +58,8 @@ def test_sft_outputs_load_with_the_chat_tokens(chat_run, trained):
         r.data.tags["gptcore.stage"]: r
         for r in client.search_runs([client.get_experiment_by_name("test").experiment_id])
     }
-    assert runs["sft"].data.metrics["best_val_response_loss"] == pytest.approx(result.best_val_response_loss)
-    assert runs["evaluate_sft"].data.metrics["tuned_test_response_bpb"] == pytest.approx(
+    assert runs["sft"].data.metrics["best/val_response_loss"] == pytest.approx(result.best_val_response_loss)
+    assert runs["evaluate_sft"].data.metrics["test/tuned_response_bpb"] == pytest.approx(
         chat_run["report"].tuned["response_bpb"]
     )
     artifacts = {a.path for a in client.list_artifacts(runs["evaluate_sft"].info.run_id)}
