@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from gptcore.errors import ConfigError, GptcoreError, redact
+from gptcore.sysmetrics import SystemMetrics
 
 log = logging.getLogger("gptcore.tracking")
 
@@ -41,9 +42,6 @@ DEFAULT_SETTINGS = {
 # Untyped, MLflow's UI guesses the experiment's kind and may open it on an empty GenAI overview of
 # traces: ours trains models, so it opens on the runs table.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
-# System metrics (CPU, memory, disk, network; GPU where NVML finds one) are sampled this often
-# during a training stage, under `system/` in its run.
-SYSTEM_METRICS_INTERVAL_S = 5
 
 
 @dataclass(frozen=True)
@@ -318,14 +316,16 @@ def stage_run(
         raise
     run_id = run.info.run_id
     log.info("%s: MLflow run %s (%s)", name, run_id, shown_uri)
-    monitor = _system_metrics_monitor(run_id, tracking.settings.tracking_uri) if system_metrics else None
+    sampler = SystemMetrics(run_id, tracking.settings.tracking_uri) if system_metrics else None
     try:
         stage = StageRun(client, run_id, label=f"{name}: MLflow at {shown_uri}")
         yield stage
-        _finish(monitor, run_id)
+        if sampler is not None:
+            sampler.stop()
         stage.flush()  # the stage's outputs are written by now: only the metrics can be missing
     except BaseException as error:
-        _finish(monitor, run_id)
+        if sampler is not None:
+            sampler.stop()
         try:
             client.set_terminated(run_id, status="FAILED")
         except Exception as e:  # MLflow may be the reason the stage failed: keep that error, not this one
@@ -336,33 +336,6 @@ def stage_run(
             raise safe from None
         raise
     client.set_terminated(run_id, status="FINISHED")
-
-
-def _system_metrics_monitor(run_id: str, tracking_uri: str):
-    """MLflow's own sampler of the machine's load, started on `run_id`; None where psutil is missing."""
-    try:
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, tracking_uri=tracking_uri)
-    except ImportError as e:  # psutil is a dependency of gptcore; an environment without it still trains
-        log.warning("no system metrics for run %s: %s", run_id, e)
-        return None
-    monitor.start()
-    return monitor
-
-
-def _finish(monitor, run_id: str) -> None:
-    """Stop the sampler and send what it holds: MLflow's sends only after a whole interval, so
-    a stage shorter than one would have no system metrics at all."""
-    if monitor is None:
-        return
-    monitor.finish()
-    try:
-        if held := monitor.aggregate_metrics():
-            monitor.publish_metrics(held)
-            monitor.mlflow_logger.flush()
-    except Exception as e:  # the machine's load is not worth a stage: its own metrics and outputs stand
-        log.warning("system metrics of run %s not sent: %s: %s", run_id, type(e).__name__, redact(str(e)))
 
 
 def _redacted_error(error: Exception, context: str) -> GptcoreError | None:
@@ -383,7 +356,7 @@ def source_tags() -> dict[str, str]:
     tags = {
         "mlflow.user": _user(),
         "mlflow.source.type": "LOCAL",
-        "mlflow.source.name": " ".join([Path(sys.argv[0]).name, *sys.argv[1:2]]) if sys.argv[:1] != [""] else "python",
+        "mlflow.source.name": _command(),
     }
     try:
         found = subprocess.run(
@@ -393,6 +366,12 @@ def source_tags() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return tags | ({"mlflow.source.git.commit": commit} if commit else {})
+
+
+def _command() -> str:
+    """The program and its first argument (`gptcore pipeline`, `pytest tests/...`); `python` when interactive."""
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    return " ".join([program, *sys.argv[1:2]])
 
 
 def _user() -> str:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-import gptcore.tracking as tracking_module
+import gptcore.sysmetrics as sysmetrics
 from gptcore.logs import console_logging
 from gptcore.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, stage_run
 from gptcore.train.curves import LOSS_CHART, log_loss_chart, tracked_name
@@ -35,9 +35,9 @@ def test_an_experiment_made_elsewhere_is_typed_on_first_use(mlflow_tracking):
     assert client.get_experiment(made).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
 
 
-@pytest.mark.parametrize("interval_s", [0.2, tracking_module.SYSTEM_METRICS_INTERVAL_S])
+@pytest.mark.parametrize("interval_s", [0.2, sysmetrics.INTERVAL_S])
 def test_a_training_stage_samples_the_machine_into_its_run(mlflow_tracking, monkeypatch, interval_s):
-    monkeypatch.setattr(tracking_module, "SYSTEM_METRICS_INTERVAL_S", interval_s)
+    monkeypatch.setattr(sysmetrics, "INTERVAL_S", interval_s)
     with stage_run(mlflow_tracking, "pretrain", system_metrics=True) as run:
         time.sleep(1.0)  # several samples, or (the default interval) a stage shorter than one
     history = mlflow_tracking.client().get_metric_history(run.run_id, "system/cpu_utilization_percentage")
