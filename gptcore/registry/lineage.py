@@ -17,8 +17,9 @@ from gptcore.tracking import Tracking
 
 # kind -> the stages whose runs produced a version of it
 TRAINING_STAGE = {"lm": "pretrain", "classifier": "finetune", "chat": "sft"}
-SHAPE = {"n_layer": "layers", "n_head": "heads", "block_size": "context", "vocab_size": "vocabulary"}
 EVALUATION_STAGE = {"lm": "evaluate_lm", "classifier": "evaluate_classifier", "chat": "evaluate_sft"}
+# the package description's shape fields, as the description names them
+SHAPE = {"n_layer": "layers", "n_head": "heads", "block_size": "context", "vocab_size": "vocabulary"}
 
 
 def _latest_run(client, experiment_id: str, filter_string: str):
