@@ -176,7 +176,9 @@ class DecodeBatch:
             self.cache.move(last, row, self.decoding[last].cached)
             self.decoding[row] = self.decoding[last]
         self.decoding.pop()
-        if self.filling is not None:  # the row being filled follows the decoding rows down
+        # The row being filled follows the decoding rows down; one that has written nothing yet
+        # may have no row in the cache at all.
+        if self.filling is not None and self.filling.cached:
             self.cache.move(last + 1, last, self.filling.cached)
         self.shrink()
 

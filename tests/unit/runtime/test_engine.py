@@ -9,6 +9,7 @@ from gptcore.config import ModelConfig
 from gptcore.export.lm import export_lm_graph
 from gptcore.model import GPT
 from gptcore.runtime import load_model
+from gptcore.runtime.batching import DecodeBatch, Sequence
 from gptcore.runtime.engine import Engine, EngineFull, EngineLimits
 from tests.unit.runtime.test_runtime import EOT, SENTENCES, train_briefly, train_tokenizer, write_package
 
@@ -127,3 +128,21 @@ def test_a_request_that_fails_fails_alone(lm, monkeypatch):
         list(bad)
     assert list(good) == lm.generate_ids([1, 2, 3], 10, temperature=0.0, stop_at_eos=False)
     engine.close()
+
+
+def test_a_row_leaving_while_the_next_prompt_has_written_nothing(lm):
+    """Two decoding rows fill the cache's rows; a third prompt starts but writes nothing before one
+    of the two leaves: the prompt has no row to move down yet, and decodes as it would alone."""
+    batch = DecodeBatch(lm, max_rows=4)
+    first, second = (Sequence([1, 2, 3], 5, lm.block_size) for _ in range(2))
+    for seq in (first, second):
+        batch.start(seq)
+        batch.fill()
+    assert batch.cache.rows == 2 and batch.decoding == [first, second]
+    third = Sequence([4, 5, 6, 7], 6, lm.block_size)
+    batch.start(third)
+    batch.remove(first)
+    while third.finish is None:
+        batch.fill()
+        batch.decode()
+    assert third.tokens[4:] == lm.generate_ids([4, 5, 6, 7], 6, temperature=0.0, stop_at_eos=False)
