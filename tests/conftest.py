@@ -25,6 +25,7 @@ from gptcore.config import (
 )
 from gptcore.tracking import Tracking, TrackingSettings
 from tests.servers import servers  # noqa: F401  (session fixture: the secured Prefect and MLflow servers)
+from tests.stack import stack  # noqa: F401  (session fixture: the process stack of gptcore.stack)
 
 REPO = Path(__file__).resolve().parents[1]
 # For tests that run gptcore in a subprocess: one thread, fixed hashing, this checkout first on the path.

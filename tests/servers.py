@@ -12,37 +12,24 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
+
+from gptcore.stack import free_port, wait_ready
 
 BIN = Path(sys.executable).parent  # the prefect and mlflow commands of this environment
 PREFECT_AUTH_STRING = "gptcore:prefect-test-auth-string"
 MLFLOW_ADMIN, MLFLOW_PASSWORD = "admin", "mlflow-test-password"  # MLflow wants >= 12 characters
-START_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clean_env(**extra: str | Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     return env | {"PYTHONUNBUFFERED": "1"} | {k: str(v) for k, v in extra.items()}
-
-
-def tail(log: Path, lines: int = 40) -> str:
-    text = log.read_text(errors="replace") if log.is_file() else ""
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -66,21 +53,6 @@ def background(cmd: list[str], env: dict[str, str], log: Path, cwd: Path | None 
         yield proc
     finally:
         stop(proc)
-
-
-def wait_ready(proc: subprocess.Popen, url: str, log: Path) -> None:
-    """Until a GET of `url` answers 200; bounded by START_TIMEOUT_S, failing early, with the log,
-    if the process exits."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{' '.join(proc.args)} exited with {proc.returncode}:\n{tail(log)}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{' '.join(proc.args)}: {url} not ready after {START_TIMEOUT_S} s:\n{tail(log)}")
-        time.sleep(0.3)
 
 
 def run(cmd: list[str], env: dict[str, str], cwd: Path | None = None, timeout: float = 180) -> str:
