@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import secrets
 import shlex
 import shutil
@@ -44,9 +45,18 @@ SERVICES = ("s3", "mlflow", "prefect")  # started in this order after PostgreSQL
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now, below the kernel's ephemeral range: a port from that range, free
+    when chosen, can be taken by any outgoing connection before its server binds it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(1000):
+        port = random.randrange(max(1024, low // 2), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 def tail(log: Path, lines: int = 40) -> str:
