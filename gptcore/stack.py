@@ -108,9 +108,20 @@ class StackConfig:
     def new(cls, root: Path, workers: int = 2, schedules: bool = True) -> StackConfig:
         token = secrets.token_urlsafe
         return cls(
-            str(root.resolve()), *(free_port() for _ in range(4)), token(16), token(16), f"gptcore:{token(16)}",
-            "gptcore-stack", token(16), str(pg_data_dir(root)), workers, schedules,
-        )  # fmt: skip
+            root=str(root.resolve()),
+            pg_port=free_port(),
+            s3_port=free_port(),
+            mlflow_port=free_port(),
+            prefect_port=free_port(),
+            db_password=token(16),
+            mlflow_password=token(16),
+            prefect_auth_string=f"gptcore:{token(16)}",
+            s3_key="gptcore-stack",
+            s3_secret=token(16),
+            pg_data=str(pg_data_dir(root)),
+            workers=workers,
+            schedules=schedules,
+        )
 
     @classmethod
     def load(cls, root: Path) -> StackConfig:
@@ -219,7 +230,6 @@ class Stack:
                 self.start(name)
         except BaseException:
             self.down()
-            self.remove_outside_state()
             raise
         exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in self.config.client_env().items())
         write_private(self.root / "env.sh", exports)
@@ -261,9 +271,12 @@ class Stack:
         self.start(name)
 
     def down(self) -> None:
+        """Everything stopped; a PostgreSQL data directory outside DIR (see pg_data_dir) removed."""
         for name in [*reversed(self.worker_names), *reversed(SERVICES)]:
             self.stop(name)
         self.postgres_down()
+        if not self.pg_data.is_relative_to(self.root):
+            shutil.rmtree(self.pg_data, ignore_errors=True)
 
     # --- PostgreSQL, the bucket, the pool -------------------------------------------------------
     @property
@@ -272,7 +285,7 @@ class Stack:
 
     def postgres_up(self) -> None:
         c, data = self.config, self.pg_data
-        fresh = not (data / "PG_VERSION").is_file()
+        fresh = not (data / "db" / "PG_VERSION").is_file()  # initdb's own marker
         if fresh:
             data.mkdir(mode=0o700, exist_ok=True)
             password_file = data / "password"
@@ -284,7 +297,6 @@ class Stack:
                 run(as_pg_user([*initdb, "--pwfile", str(password_file), *auth]))
             finally:
                 password_file.unlink()
-            (data / "PG_VERSION").write_text("see db/\n")
         options = f"-p {c.pg_port} -c listen_addresses=127.0.0.1 -k {data}"
         run(as_pg_user([pg_tool("pg_ctl"), "-D", str(data / "db"), "-o", options, "-l", str(data / "postgres.log"),
              "-w", "-t", str(START_TIMEOUT_S), "start"]))  # fmt: skip
@@ -296,11 +308,6 @@ class Stack:
     def postgres_down(self) -> None:
         if (self.pg_data / "db" / "postmaster.pid").is_file():
             run(as_pg_user([pg_tool("pg_ctl"), "-D", str(self.pg_data / "db"), "-m", "fast", "-w", "stop"]))
-
-    def remove_outside_state(self) -> None:
-        """A data directory outside DIR (see pg_data_dir) goes with the stack."""
-        if not self.pg_data.is_relative_to(self.root):
-            shutil.rmtree(self.pg_data, ignore_errors=True)
 
     def write_auth_config(self) -> None:
         """MLflow's basic-auth users in the mlflow database too (their own migration table)."""
@@ -396,9 +403,7 @@ def main(argv: list[str] | None = None) -> None:
         stack.up()
         print(f"stack up under {args.dir}: source {args.dir / 'env.sh'}")
     else:
-        stack = Stack(StackConfig.load(args.dir))
-        stack.down()
-        stack.remove_outside_state()
+        Stack(StackConfig.load(args.dir)).down()
         print(f"stack under {args.dir} stopped")
 
 
