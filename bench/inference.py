@@ -4,7 +4,8 @@
                               [--threads N] [--json rows.json]
 
 For each model, on one device, in one run:
-- generation, greedy, PROMPT prompt tokens and NEW new tokens per row, at batch 1 and batch 16:
+- generation, greedy, PROMPT prompt tokens (at most the context) and NEW new tokens per row, at
+  batch 1 and batch 16:
   tokens/s (all rows) and ms/token (wall time per decoding step);
 - classification of passages of PROMPT tokens in batches of 32: rows/s.
 PyTorch runs `GPT.generate` (KV cache, no autocast on CPU; fp16 autocast on CUDA); ONNX Runtime
@@ -59,7 +60,7 @@ class Subject:
     name: str
     gpt: GPT
     classifier: GPTClassifier
-    prompts: np.ndarray  # (16, PROMPT) token ids
+    prompts: np.ndarray  # (16, P) token ids, P = PROMPT or the context if shorter
     lm_dir: Path
     classifier_dir: Path
 
@@ -76,7 +77,8 @@ def build_packages(
 ) -> tuple[Path, Path]:
     """Both packages (fp32 fused + variants) and the unfused fp32 LM beside them, through the export's own code."""
     pad = tok.token_to_id(PAD)
-    passages = [val[i * PROMPT : (i + 1) * PROMPT].tolist() for i in range(8)]
+    n = min(PROMPT, gpt.cfg.block_size)
+    passages = [val[i * n : (i + 1) * n].tolist() for i in range(8)]
     lm_meta = meta | {"model": dataclasses.asdict(gpt.cfg), "labels": []}
     clf_meta = meta | {"model": dataclasses.asdict(classifier.gpt.cfg)}
     write_package(
@@ -133,7 +135,8 @@ def default_subject(workdir: Path, out: Path) -> Subject:
         out / "default",
         ExportConfig(),
     )
-    prompts = np.stack([val[i * PROMPT : (i + 1) * PROMPT] for i in range(16)])
+    n = min(PROMPT, gpt.cfg.block_size)
+    prompts = np.stack([val[i * n : (i + 1) * n] for i in range(16)])
     return Subject("default", gpt, classifier, prompts, lm_dir, clf_dir)
 
 
@@ -172,7 +175,7 @@ def torch_generate(gpt: GPT, prompts: torch.Tensor, device: str):
             out = gpt.generate(prompts, 4 if warmup else NEW, temperature=0.0)
         if device == "cuda":
             torch.cuda.synchronize()
-        return out[:, PROMPT:].cpu().numpy()
+        return out[:, prompts.shape[1] :].cpu().numpy()
 
     return run
 
@@ -238,7 +241,7 @@ def bench_subject(s: Subject, device: str, threads: int | None, repeats: int) ->
                     float((ids == torch_ids).mean()),
                 )
             )
-    passages = torch.from_numpy(np.concatenate([s.prompts] * 4)).to(torch_device)  # 64 rows of PROMPT tokens
+    passages = torch.from_numpy(np.concatenate([s.prompts] * 4)).to(torch_device)  # 64 rows of P tokens
     base, _ = timed(torch_classify(classifier, passages, device), repeats)
     rows.append(
         row(
@@ -313,7 +316,7 @@ def row(
     else:
         r |= {
             "rows_per_s": round(n_rows / seconds, 1),
-            "tokens_per_s": round(n_rows * PROMPT / seconds, 1),
+            "tokens_per_s": round(n_rows * s.prompts.shape[1] / seconds, 1),
             "ms_per_token": None,
         }
     return r

@@ -57,12 +57,12 @@ def cpu() -> dict[str, Any]:
 def describe() -> dict[str, Any]:
     """The machine and the software a benchmark ran on."""
     packages = {}
-    for name in ("torch", "onnxruntime-gpu", "onnx", "tokenizers", "numpy"):
+    for name in ("torch", "onnxruntime-gpu", "onnxruntime", "onnx", "tokenizers", "numpy"):
         try:
             packages[name] = version(name)
         except PackageNotFoundError:
             pass
-    gpu = None
+    gpu, providers = None, None
     try:
         import torch
 
@@ -70,10 +70,17 @@ def describe() -> dict[str, Any]:
             gpu = torch.cuda.get_device_name(0)
     except ImportError:
         pass
+    try:
+        import onnxruntime
+
+        providers = onnxruntime.get_available_providers()  # the CUDA provider only in onnxruntime-gpu
+    except ImportError:
+        pass
     return {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cpu": cpu(),
         "gpu": gpu,
+        "onnxruntime_providers": providers,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": packages,
