@@ -91,6 +91,9 @@ class Tracking:
     def client(self):
         from mlflow import MlflowClient
 
+        for uri in {self.settings.tracking_uri, self.settings.registry_uri} - {None}:
+            if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+                create_sqlite_store(Path(uri.removeprefix("sqlite:///")))
         return MlflowClient(tracking_uri=self.settings.tracking_uri, registry_uri=self.settings.registry_uri)
 
     def experiment_id(self) -> str:
@@ -108,6 +111,24 @@ class Tracking:
         return client.create_experiment(
             self.settings.experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
         )
+
+
+def create_sqlite_store(path: Path) -> None:
+    """A new SQLite store, published whole. MLflow creates its tables one migration at a time: a
+    process killed in between leaves a file no later run can open ("table ... already exists"), so
+    the schema is built in a file beside `path` and linked into place, unless another process put
+    its own there first (then theirs stays)."""
+    from mlflow import MlflowClient
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    building = path.with_name(f".{path.name}.{os.getpid()}.new")
+    building.unlink(missing_ok=True)
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{building}").search_experiments(max_results=1)
+        with contextlib.suppress(FileExistsError):
+            os.link(building, path)
+    finally:
+        building.unlink(missing_ok=True)
 
 
 class TrackingUnavailable(GptcoreError):

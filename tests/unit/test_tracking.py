@@ -4,14 +4,18 @@ import dataclasses
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
 import gptcore.sysmetrics as sysmetrics
 from gptcore.logs import console_logging
-from gptcore.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, stage_run
+from gptcore.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, Tracking, TrackingSettings, stage_run
 from gptcore.train.curves import LOSS_CHART, log_loss_chart, tracked_name
+from tests.conftest import SUBPROCESS_ENV
 
 
 def test_runs_say_who_ran_what_and_the_experiment_is_typed_for_training(mlflow_tracking):
@@ -75,3 +79,21 @@ def test_libraries_log_warnings_only_unless_asked(monkeypatch, restore_gptcore_l
     monkeypatch.setenv("GPTCORE_LIBRARY_LOG_LEVEL", "info")
     console_logging()
     assert mlflow_logger.level == logging.INFO
+
+
+def test_a_process_killed_while_mlflow_creates_its_sqlite_tables_leaves_no_broken_store(tmp_path):
+    """Killed between MLflow's first tables and its migrations (as a pipeline killed in its first
+    stage can be): the store is not there, and the next run makes it whole."""
+    db = tmp_path / "work" / "mlflow.db"
+    killed_mid_creation = (
+        "import os, signal\n"
+        "import mlflow.store.db.utils as db_utils\n"
+        "db_utils._upgrade_db = lambda engine: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "from gptcore.tracking import Tracking, TrackingSettings\n"
+        f"Tracking(TrackingSettings('sqlite:///{db}', None, None, 'gptcore')).client().search_experiments()\n"
+    )
+    child = subprocess.run([sys.executable, "-c", killed_mid_creation], env=SUBPROCESS_ENV, capture_output=True)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert not db.exists()
+    tracking = Tracking(TrackingSettings(f"sqlite:///{db}", None, str(tmp_path / "artifacts"), "gptcore"))
+    assert tracking.client().get_experiment(tracking.experiment_id()).name == "gptcore"
