@@ -18,65 +18,30 @@ trying the stack, not for data a team keeps (compose runs MinIO there).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import random
 import secrets
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import httpx
+from gptcore.processes import START_TIMEOUT_S, free_port, start_group, stop_group, write_private
 
 BIN = Path(sys.executable).parent  # mlflow, prefect and moto_server of this environment
 PG_BIN_DIRS = [Path("/usr/lib/postgresql/15/bin")]  # Debian's; otherwise initdb et al. on PATH
 PG_SYSTEM_USER = "postgres"  # who runs PostgreSQL when the stack is started as root
 BUCKET, POOL, DB_USER, MLFLOW_ADMIN = "gptcore", "gptcore-process", "gptcore", "admin"
-START_TIMEOUT_S, STOP_TIMEOUT_S = 120, 10
+# Flow runs send a heartbeat this often (Prefect's minimum): deploy/automations.yaml marks one
+# that falls silent Crashed.
+HEARTBEAT_S = 30
+AUTOMATIONS = Path(__file__).resolve().parents[1] / "deploy" / "automations.yaml"
+CRASH_AUTOMATION = "gptcore-crash-silent-flow-runs"  # its first automation's name
+WORKER_LIMIT = 1  # flow runs a worker takes at once: a machine trains one model at a time
 SERVICES = ("s3", "mlflow", "prefect")  # started in this order after PostgreSQL; workers follow
-
-
-def free_port() -> int:
-    """A loopback port free now, below the kernel's ephemeral range: a port from that range, free
-    when chosen, can be taken by any outgoing connection before its server binds it."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(1000):
-        port = random.randrange(max(1024, low // 2), low)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free loopback port below the ephemeral range")
-
-
-def tail(log: Path, lines: int = 40) -> str:
-    text = log.read_text(errors="replace") if log.is_file() else ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def wait_ready(proc: subprocess.Popen, url: str, log: Path) -> None:
-    """Until a GET of `url` answers 200; bounded by START_TIMEOUT_S, failing early, with the log,
-    if the process exits."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{' '.join(proc.args)} exited with {proc.returncode}:\n{tail(log)}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{' '.join(proc.args)}: {url} not ready after {START_TIMEOUT_S} s:\n{tail(log)}")
-        time.sleep(0.3)
 
 
 def pg_tool(name: str) -> str:
@@ -201,13 +166,19 @@ class Stack:
             return argv, env, f"http://127.0.0.1:{c.prefect_port}/api/health"
         if name.startswith("worker-"):
             argv = [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process", "--name", name]
+            argv += ["--limit", str(WORKER_LIMIT)]
             return argv, self.worker_env(name), None
         raise ValueError(f"no service {name!r} in the stack")
 
     def worker_env(self, name: str) -> dict[str, str]:
         env = self.config.client_env()
         env.pop("GPTCORE_STACK_MLFLOW_DB_URI")  # the workers talk to the servers, not the database
-        return base_env(PREFECT_HOME=self.root / name / "prefect", PREFECT_WORKER_QUERY_SECONDS="1", **env)
+        return base_env(
+            PREFECT_HOME=self.root / name / "prefect",
+            PREFECT_WORKER_QUERY_SECONDS="1",
+            PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(HEARTBEAT_S),
+            **env,
+        )
 
     @property
     def worker_names(self) -> list[str]:
@@ -226,6 +197,7 @@ class Stack:
                 self.start(name)
             self.make_bucket()
             self.create_pool()
+            self.create_automations()
             for name in self.worker_names:
                 self.start(name)
         except BaseException:
@@ -238,33 +210,13 @@ class Stack:
         if name == "postgres":
             return self.postgres_up()
         argv, env, ready_url = self.command(name)
-        (self.root / name).mkdir(exist_ok=True)
-        with open(self.logs / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen(
-                argv, env=env, cwd=self.root / name, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        (self.pids / f"{name}.pid").write_text(str(proc.pid))
-        if ready_url:
-            wait_ready(proc, ready_url, self.logs / f"{name}.log")
+        start_group(argv, env, self.root / name, self.logs / f"{name}.log", self.pids / f"{name}.pid", ready_url)
 
     def stop(self, name: str) -> None:
-        """SIGTERM to the process group, SIGKILL to what is left of it after STOP_TIMEOUT_S."""
+        """The service's process group ended (processes.stop_group); PostgreSQL by its pg_ctl."""
         if name == "postgres":
             return self.postgres_down()
-        pid_file = self.pids / f"{name}.pid"
-        if not pid_file.is_file():
-            return
-        pid = int(pid_file.read_text())
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, sig)
-            deadline = time.monotonic() + STOP_TIMEOUT_S
-            while group_alive(pid) and time.monotonic() < deadline:
-                reap(pid)
-                time.sleep(0.1)
-            if not group_alive(pid):
-                break
-        pid_file.unlink()
+        stop_group(self.pids / f"{name}.pid")
 
     def restart(self, name: str) -> None:
         self.stop(name)
@@ -336,6 +288,13 @@ class Stack:
         env = self.worker_env("worker-1")
         run([str(BIN / "prefect"), "work-pool", "create", POOL, "--type", "process", "--overwrite"], env=env)
 
+    def create_automations(self) -> None:
+        """deploy/automations.yaml on the server (a stack brought up again keeps its own)."""
+        env, prefect = self.worker_env("worker-1"), str(BIN / "prefect")
+        inspect = [prefect, "automation", "inspect", CRASH_AUTOMATION]
+        if subprocess.run(inspect, env=env, capture_output=True, timeout=START_TIMEOUT_S).returncode:  # not there
+            run([prefect, "automation", "create", "--from-file", str(AUTOMATIONS)], env=env)
+
 
 def pg_data_dir(root: Path) -> Path:
     """DIR/postgres; as root, a fresh directory under the system's temporary folder instead, owned by
@@ -358,34 +317,10 @@ def owned_by_pg_user(*paths: Path) -> None:
             os.chown(path, user.pw_uid, user.pw_gid)
 
 
-def group_alive(pgid: int) -> bool:
-    """Whether any process of the group is left (a zombie leader counts until reaped)."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def reap(pid: int) -> None:
-    """Collect `pid` if it is our child (a stack started in this process): else it stays a zombie."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
-
-
 def run(argv: list[str], env: dict[str, str] | None = None) -> None:
     done = subprocess.run(argv, env=env or base_env(), capture_output=True, text=True, timeout=START_TIMEOUT_S)
     if done.returncode:
         raise RuntimeError(f"stack: {' '.join(argv[:3])} … exited with {done.returncode}:\n{done.stderr[-2000:]}")
-
-
-def write_private(path: Path, text: str) -> None:
-    """`text` into `path`, readable by its owner alone from the first byte."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from gptcore.stack import free_port, wait_ready
+from gptcore.processes import free_port, wait_ready
 
 BIN = Path(sys.executable).parent  # the prefect and mlflow commands of this environment
 PREFECT_AUTH_STRING = "gptcore:prefect-test-auth-string"

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gptcore.stack import Stack, StackConfig, group_alive
+from gptcore.processes import group_alive, reap
+from gptcore.stack import Stack, StackConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,6 +45,8 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
         pids = [int(p.read_text()) for p in (root / "pids").glob("*.pid")]
         pg_data = Path(started.config.pg_data) if started else None
         subprocess.run(["bash", *script, "down", str(root)], capture_output=True, text=True, timeout=300)
+        for pid in pids:
+            reap(pid)  # a service a test restarted is this process's child: a zombie until collected here
         left = [pid for pid in pids if group_alive(pid)]
         assert not left, f"stack.sh down left process groups {left} running"
         assert not list((root / "pids").glob("*.pid")) and not (

@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from gptcore.config import ModelConfig, TrainConfig
 from gptcore.model import GPT
-from gptcore.stack import free_port
+from gptcore.processes import free_port
 from gptcore.train.distributed import DistInfo
 from gptcore.train.loop import autocast
 from gptcore.train.optim import configure_optimizers

@@ -10,12 +10,18 @@ against that champion, after PostgreSQL restarted under both servers.
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from gptcore.stack import BUCKET, POOL, tail
+from gptcore.layout import LM_EVAL
+from gptcore.processes import free_port, tail
+from gptcore.stack import BUCKET, POOL
 from tests.conftest import REPO, repackaged
 from tests.servers import BIN, run
 from tests.stack import client_env
@@ -142,6 +148,128 @@ def test_pipeline_scoring_and_promotion_on_the_stack(deployed, tmp_path):
         decision.startswith(f"on {test_split}, against champion v1: ") and "not a significant improvement" in decision
     )
     assert "gptcore.challenge.v2" in registry.get_model_version("gptcore-classifier", "1").tags
+
+    # the object store unreachable from the registering process: retried (botocore's own retries),
+    # then a failure naming the endpoint, and no version made (a version is made once its files are in)
+    versions = sorted(v.version for v in registry.search_model_versions("name = 'gptcore-lm'"))
+    lm_again = repackaged(work / "export" / "lm", tmp_path / "lm-again")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_S3_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+        with pytest.raises(Exception, match="Could not connect to the endpoint URL"):
+            register(lm_again, work / "eval" / LM_EVAL, "gptcore-lm", tracking)
+    assert sorted(v.version for v in registry.search_model_versions("name = 'gptcore-lm'")) == versions
+
+
+def test_a_worker_killed_mid_pipeline_crashes_the_run_and_a_rerun_resumes_from_the_stage_cache(deployed, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    stack = deployed
+    config = tmp_path / "fewer-steps.yaml"
+    config.write_text(FEWER_STEPS)
+    parameters = {"preset": "tiny", "config_path": str(config), "workdir": str(tmp_path / "work")}
+    with get_client(sync_client=True) as client:
+        first = run_deployment("gptcore-pipeline/pipeline-weekly", timeout=0, parameters=parameters)
+        wait_for_task(client, first.id, "tokenizer", stack)  # then training is under way
+        # the machine of the worker running it dies: the worker and the flow run's process, at once
+        flow_pid = int(str(client.read_flow_run(first.id).infrastructure_pid).rsplit(":", 1)[-1])
+        worker = owner_worker(stack, flow_pid)
+        for group in {os.getpgid(flow_pid), int((stack.pids / f"{worker}.pid").read_text())}:
+            os.killpg(group, signal.SIGKILL)
+        killed = time.monotonic()
+        while not (crashed := client.read_flow_run(first.id)).state.is_final():
+            assert time.monotonic() - killed < 300, f"still {crashed.state.name} 300 s after its worker died"
+            time.sleep(1)
+        crashed_after = time.monotonic() - killed
+        assert crashed.state.is_crashed(), crashed.state
+        assert "no heartbeat" in crashed.state.message
+        done = {name for name, state in task_states(client, first.id).items() if state == "Completed"}
+        assert {"ingest", "tokenizer"} <= done
+
+        stack.start(worker)
+        second = run_deployment("gptcore-pipeline/pipeline-weekly", timeout=0, parameters=parameters)
+        finished(client, second.id, stack)
+        rerun = task_states(client, second.id)
+    # what finished before the crash is taken from the stage cache, not run again
+    assert {name: rerun[name] for name in done} == dict.fromkeys(done, "Cached"), rerun
+    assert rerun["register-lm"] == "Completed"
+    print(f"crashed {crashed_after:.0f} s after its worker died; cached on the rerun: {sorted(done)}")
+
+
+def test_two_pipelines_at_once_run_on_both_workers_and_each_version_meets_the_gate(deployed, tmp_path):
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    stack, registry = deployed, MlflowClient()
+    before = {v.version for v in registry.search_model_versions("name = 'gptcore-lm'")}
+    runs = []
+    with get_client(sync_client=True) as client:
+        # the weekly deployment runs one at a time (its concurrency limit): the second pipeline is a
+        # team's second deployment of the flow, as for another corpus
+        weekly = client.read_deployment_by_name("gptcore-pipeline/pipeline-weekly")
+        client.create_deployment(
+            flow_id=weekly.flow_id,
+            name="pipeline-second-corpus",
+            entrypoint=weekly.entrypoint,
+            work_pool_name=weekly.work_pool_name,
+            pull_steps=weekly.pull_steps,
+            parameters=weekly.parameters,
+            concurrency_limit=1,
+        )
+        for deployment, steps in (("pipeline-weekly", 30), ("pipeline-second-corpus", 50)):  # two models
+            config = tmp_path / f"steps-{steps}.yaml"
+            config.write_text(FEWER_STEPS.replace("pretrain: {max_steps: 40", f"pretrain: {{max_steps: {steps}"))
+            parameters = {"preset": "tiny", "config_path": str(config), "workdir": str(tmp_path / f"work-{steps}")}
+            runs.append(run_deployment(f"gptcore-pipeline/{deployment}", timeout=0, parameters=parameters))
+        # the MLflow server restarts as training starts: the stages buffer what they log, then send it
+        wait_for_task(client, runs[0].id, "tokenizer", stack)
+        stack.restart("mlflow")
+        names = [finished(client, flow_run.id, stack).name for flow_run in runs]
+    # one flow run at a time per worker (--limit 1): each worker ran one of them
+    logs = {worker: (stack.logs / f"{worker}.log").read_text() for worker in stack.worker_names}
+    taken = sorted(worker for name in names for worker, log in logs.items() if f"Beginning flow run '{name}'" in log)
+    assert taken == sorted(stack.worker_names), taken
+    new = sorted(int(v.version) for v in registry.search_model_versions("name = 'gptcore-lm'"))[-2:]
+    assert str(new[0]) not in before and str(new[1]) not in before and new[1] == new[0] + 1
+    for version in new:  # each judged by the gate against the champion of its time
+        assert registry.get_model_version("gptcore-lm", str(version)).tags.get("gptcore.promotion")
+    experiment = registry.get_experiment_by_name("gptcore").experiment_id
+    pretrain_runs = registry.search_runs(
+        [experiment], "tags.`gptcore.stage` = 'pretrain'", order_by=["start_time DESC"]
+    )
+    logged = sorted(len(registry.get_metric_history(run.info.run_id, "loss/train")) for run in pretrain_runs[:2])
+    every = 20  # FEWER_STEPS' log_interval: a point every 20 steps and at the last
+    assert logged == [-(-30 // every), -(-50 // every)], logged  # none lost to the restart
+    assert all(run.info.status == "FINISHED" for run in pretrain_runs[:2])
+
+
+def wait_for_task(client, flow_run_id, task: str, stack) -> None:
+    """Until the flow run's `task` has completed (a failure if the run ends first)."""
+    deadline = time.monotonic() + FLOW_RUN_TIMEOUT_S
+    while task_states(client, flow_run_id).get(task) != "Completed":
+        flow_run = client.read_flow_run(flow_run_id)
+        assert time.monotonic() < deadline and not flow_run.state.is_final(), f"{flow_run.state}\n{worker_logs(stack)}"
+        time.sleep(0.5)
+
+
+def task_states(client, flow_run_id) -> dict[str, str]:
+    """The flow run's tasks by name ("pretrain", "register-lm", ...): their state's name."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs if run.state}
+
+
+def owner_worker(stack, pid: int) -> str:
+    """The stack's worker that `pid` descends from."""
+    workers = {int((stack.pids / f"{name}.pid").read_text()): name for name in stack.worker_names}
+    ancestor = pid
+    while ancestor > 1:
+        if ancestor in workers:
+            return workers[ancestor]
+        ancestor = int(re.search(r"^PPid:\s+(\d+)", Path(f"/proc/{ancestor}/status").read_text(), re.M).group(1))
+    raise AssertionError(f"process {pid} descends from no worker of the stack")
 
 
 def finished(client, flow_run_id, stack):

@@ -4,6 +4,7 @@ images, ports, volumes, and every secret a required variable from the environmen
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -102,3 +103,29 @@ def test_every_deployment_runs_one_flow_run_at_a_time():
         "scoring-hourly": ConcurrencyLimitStrategy.ENQUEUE,
         "promote-version": ConcurrencyLimitStrategy.ENQUEUE,
     }
+
+
+def test_a_flow_run_whose_heartbeats_stop_is_crashed_by_the_automation(tmp_path):
+    from prefect.events.schemas.automations import AutomationCore, Posture
+
+    from gptcore.stack import CRASH_AUTOMATION, HEARTBEAT_S, Stack, StackConfig
+
+    (automation, *_) = [
+        AutomationCore.model_validate(a)
+        for a in yaml.safe_load((DEPLOY / "automations.yaml").read_text())["automations"]
+    ]
+    assert automation.name == CRASH_AUTOMATION
+    trigger = automation.trigger
+    assert trigger.posture == Posture.Proactive and trigger.after == {"prefect.flow-run.heartbeat"}
+    assert {"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Crashed"} <= trigger.expect
+    # a missed heartbeat or two (a busy machine) is not a crash
+    assert trigger.within.total_seconds() >= 3 * HEARTBEAT_S
+    assert [a.type for a in automation.actions] == ["change-flow-run-state"]
+    assert automation.actions[0].state.value == "CRASHED"
+    # the workers that run flows send the heartbeats: compose's and the process stack's alike
+    for name in ("prefect-worker", "prefect-worker-gpu"):
+        assert compose()["services"][name]["environment"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(HEARTBEAT_S)
+    stack = Stack(StackConfig.new(root=tmp_path))
+    shutil.rmtree(stack.config.pg_data, ignore_errors=True)  # made for PostgreSQL as root; unused here
+    assert stack.worker_env("worker-1")["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(HEARTBEAT_S)
+    assert CRASH_AUTOMATION in " ".join(compose()["services"]["prefect-automations"]["command"].split())
