@@ -92,8 +92,9 @@ class Tracking:
         from mlflow import MlflowClient
 
         for uri in {self.settings.tracking_uri, self.settings.registry_uri} - {None}:
-            if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-                create_sqlite_store(Path(uri.removeprefix("sqlite:///")))
+            path = uri.removeprefix("sqlite:///").partition("?")[0]  # the file, less SQLAlchemy's query
+            if uri.startswith("sqlite:///") and path not in ("", ":memory:") and not Path(path).exists():
+                create_sqlite_store(Path(path))
         return MlflowClient(tracking_uri=self.settings.tracking_uri, registry_uri=self.settings.registry_uri)
 
     def experiment_id(self) -> str:
