@@ -144,7 +144,8 @@ def main() -> None:
     for key, seconds in swapped.items():
         print(f"    {key.removesuffix('_s'):14} {seconds:.4f}")
     if args.json:
-        write_json(args.json, {"shape": vars(args), "steps": rows, "parts": swapped})
+        shape_args = {k: v for k, v in vars(args).items() if k != "json"}
+        write_json(args.json, {"shape": shape_args, "steps": rows, "parts": swapped})
 
 
 if __name__ == "__main__":
