@@ -2,7 +2,8 @@
 
 ingest -> tokenizer -> pretrain -> finetune, chat SFT -> evaluate (LM, classifier, chat) -> export (the three)
 -> register + promote (the three) -> score the test split with the champion classifier; the new chat
-version answers held-out conversations beside the champion.
+version answers held-out conversations beside the champion. With `compress.enabled`, the LM's
+pruned and distilled students are evaluated, exported and registered as versions of the LM too.
 
 The LM always runs; the classifier branch (finetune to score) and the chat branch (SFT, its
 evaluation, export and registration) run when enabled and the ingested corpus has their data
@@ -36,6 +37,7 @@ from flows.stage_cache import stage_cache
 from flows.summary import headline_metrics, pipeline_summary, promotion_markdown
 from flows.tasks import (
     chat_versions_task,
+    compress_task,
     evaluate_classifier_task,
     evaluate_lm_task,
     evaluate_sft_task,
@@ -59,6 +61,7 @@ from gptcore.errors import redact
 from gptcore.layout import Workdir
 from gptcore.locks import workdir_lock
 from gptcore.presets import load_config
+from gptcore.results import load_compressed
 from gptcore.tracking import Tracking, load_settings, stage_run
 
 # Each stage -> the stages it reads the outputs of (directly; the rest is transitive): the flow runs
@@ -82,6 +85,17 @@ STAGE_GRAPH: dict[str, tuple[str, ...]] = {
     "chat-versions": ("register-chat",),
     "score": ("register-classifier",),
 }
+
+
+def compress_graph(students: list[str]) -> dict[str, tuple[str, ...]]:
+    """The stages `compress.enabled` adds: each distilled student is evaluated, exported and
+    registered as the LM is, after the LM's registration, so the gate judges it against the teacher."""
+    graph: dict[str, tuple[str, ...]] = {"compress": ("pretrain",)}
+    for name in students:
+        graph[f"evaluate-{name}"] = graph[f"export-{name}"] = ("compress",)
+        graph[f"register-{name}"] = (f"evaluate-{name}", f"export-{name}", "register-lm")
+    return graph
+
 
 # Prefect flow run id -> (MLflow run id, tracking URI) of the pipeline runs under way in this
 # process: what `report_failure` points to.
@@ -171,14 +185,15 @@ def _pipeline(preset: str, config_path: str | None, workdir: str, mlflow_config:
         parent.log_params(cfg.to_dict())
         t = Tracking(settings, parent.run_id, tags)
         done: dict[str, State] = {}
+        graph = dict(STAGE_GRAPH)
 
         def stage(task, *args, **kwargs):
-            """Run one stage (its task's name is its name in STAGE_GRAPH) after its upstream stages:
+            """Run one stage (its task's name is its name in `graph`) after its upstream stages:
             Prefect draws those edges, and only those. The arguments are quoted: Prefect would trace
             any argument holding an object an earlier task returned (a model name string, an
             interned literal) as one more edge."""
             name = task.name
-            upstream = [Finished(done[up]) for up in STAGE_GRAPH[name] if up in done]
+            upstream = [Finished(done[up]) for up in graph[name] if up in done]
             quoted = {k: quote(v) for k, v in kwargs.items()}
             done[name] = task(*map(quote, args), wait_for=upstream, return_state=True, **quoted)
             return done[name].result()  # the stage's own error, if it failed
@@ -212,6 +227,35 @@ def _pipeline(preset: str, config_path: str | None, workdir: str, mlflow_config:
             chat_pkg = stage(export_chat_task, cfg.export, cfg.sft, w.sft, w.data, w.export("chat"), t)
         config, registry = cfg.to_dict(), cfg.registry
         lm_reg = stage(register_lm_task, w.export("lm"), lm_eval.metrics_path, registry.lm_name, t, config, registry)
+        student_regs = []
+        if cfg.compress.enabled:
+            graph |= compress_graph([])
+            stage(compress_task, cfg.compress, w.pretrain, w.tokenizer, w.compress, t)
+            students = [s.name for s in load_compressed(w.compress).by_recipe("prune+distill")]
+            graph |= compress_graph(students)
+            for name in students:
+                evaluation = stage(
+                    evaluate_lm_task.with_options(name=f"evaluate-{name}"),
+                    cfg.evaluate,
+                    w.student(name),
+                    w.tokenizer,
+                    w.student_eval(name),
+                    t,
+                    data_dir=w.data,
+                )
+                package = w.export(f"lm-{name}")
+                stage(
+                    export_lm_task.with_options(name=f"export-{name}"),
+                    cfg.export,
+                    w.student(name),
+                    w.tokenizer,
+                    package,
+                    t,
+                )
+                register_student = register_lm_task.with_options(name=f"register-{name}")
+                student_regs.append(
+                    stage(register_student, package, evaluation.metrics_path, registry.lm_name, t, config, registry)
+                )
         if run_classifier:
             cls_reg = stage(
                 register_classifier_task,
@@ -262,7 +306,7 @@ def _pipeline(preset: str, config_path: str | None, workdir: str, mlflow_config:
         summary["markdown"], key="gptcore-pipeline-summary", description="gptcore pipeline summary"
     )
     create_markdown_artifact(
-        promotion_markdown([reg for reg in (lm_reg, cls_reg, chat_reg) if reg is not None]),
+        promotion_markdown([reg for reg in (lm_reg, *student_regs, cls_reg, chat_reg) if reg is not None]),
         key="gptcore-promotion",
         description="registry: each new version, and whether it took the champion alias",
     )

@@ -31,6 +31,7 @@ from gptcore.registry.chat_samples import chat_versions_markdown
 from gptcore.registry.register import register
 from gptcore.registry.score import score
 from gptcore.tracking import is_transient
+from gptcore.train.compress import compress
 from gptcore.train.finetune import finetune
 from gptcore.train.launch import pretrain_stage
 from gptcore.train.sft import sft
@@ -109,6 +110,7 @@ evaluate_sft_task = _stage(
     reads=_with_chat_data(named("sft_dir", "pretrained_dir", "data_dir", "tokenized_dir")),
     writes=_eval_files("sft"),
 )
+compress_task = _stage(compress, "compress", reads=named("pretrained_dir", "tokenized_dir"), writes=named("out_dir"))
 export_lm_task = _stage(
     export_lm_onnx, "export-lm", reads=named("pretrained_dir", "tokenized_dir"), writes=named("out_dir")
 )

@@ -2,6 +2,7 @@
 
     gptcore pipeline  [--preset tiny] [--config FILE] [--workdir DIR] [--fresh]   the whole Prefect flow
     gptcore ingest | tokenizer | pretrain [--resume] | finetune [--resume] | sft [--resume] | evaluate | export
+    gptcore compress [--resume]   gptcore evaluate | export | register --student p50-distilled   (a student LM)
     gptcore register      gptcore export --format hf   (transformers GPT-2 checkpoints of the LM, chat model)
     gptcore generate --model URI --prompt TEXT      gptcore score --model URI --input F --output F
     gptcore evaluate --model URI [--model URI ...] --data FILE    versions side by side on one file
@@ -91,6 +92,24 @@ def cmd_sft(args, cfg: PipelineConfig) -> None:
     _print(sft(cfg.sft, w.pretrain, w.data, w.tokenizer, w.sft, _tracking(args), resume=args.resume))
 
 
+def cmd_compress(args, cfg: PipelineConfig) -> None:
+    from gptcore.train.compress import compress
+
+    w = Workdir(args.workdir)
+    _print(compress(cfg.compress, w.pretrain, w.tokenizer, w.compress, _tracking(args), resume=args.resume))
+
+
+def student(args) -> str | None:
+    """--student's name, checked against the students the compress stage wrote (the LM's only)."""
+    if args.student is None:
+        return None
+    if args.only not in (None, "lm"):
+        raise ConfigError(f"--student: students are of the LM; --only {args.only} names another model")
+    from gptcore.results import load_compressed
+
+    return load_compressed(Workdir(args.workdir).compress).named(args.student).name
+
+
 def cmd_evaluate(args, cfg: PipelineConfig) -> None:
     if args.model or args.data:
         return cmd_evaluate_versions(args, cfg)
@@ -99,6 +118,8 @@ def cmd_evaluate(args, cfg: PipelineConfig) -> None:
     from gptcore.eval.lm import evaluate_lm
 
     w, t = Workdir(args.workdir), _tracking(args)
+    if name := student(args):
+        return _print(evaluate_lm(cfg.evaluate, w.student(name), w.tokenizer, w.student_eval(name), t, w.data))
     if args.only in (None, "lm"):
         _print(evaluate_lm(cfg.evaluate, w.pretrain, w.tokenizer, w.eval, t, data_dir=w.data))
     if args.only in (None, "classifier"):
@@ -138,8 +159,8 @@ def cmd_export(args, cfg: PipelineConfig) -> None:
     if args.format == "hf":  # the LM, and the chat model unless --only lm; the classifier has no GPT-2 form
         from gptcore.export.hf import export_hf_stage
 
-        if args.only == "classifier":
-            raise ConfigError("export --format hf: writes language models only; the classifier exports to onnx")
+        if args.only == "classifier" or args.student:
+            raise ConfigError("export --format hf: writes the LM and chat model only; the others export to onnx")
         hf_dirs = (w.export("hf-lm"), w.export("hf-chat"))
         return _print(export_hf_stage(w.pretrain, w.tokenizer, w.sft, *hf_dirs, chat=args.only != "lm"))
     from gptcore.export.chat import export_chat_onnx
@@ -147,6 +168,8 @@ def cmd_export(args, cfg: PipelineConfig) -> None:
     from gptcore.export.lm import export_lm_onnx
 
     t = _tracking(args)
+    if name := student(args):
+        return _print(export_lm_onnx(cfg.export, w.student(name), w.tokenizer, w.export(f"lm-{name}"), t))
     exports = {
         "lm": lambda: export_lm_onnx(cfg.export, w.pretrain, w.tokenizer, w.export("lm"), t),
         "classifier": lambda: export_classifier_onnx(
@@ -165,6 +188,9 @@ def cmd_register(args, cfg: PipelineConfig) -> None:
     w = Workdir(args.workdir)
     tracking = Tracking(load_settings(args.workdir, args.mlflow_config))
     r = cfg.registry
+    if name := student(args):
+        evaluation = w.student_eval(name) / LM_EVAL
+        return _print(register(w.export(f"lm-{name}"), evaluation, r.lm_name, tracking, cfg.to_dict(), r))
     for kind, evaluation, name in (
         ("lm", LM_EVAL, r.lm_name),
         ("classifier", CLASSIFIER_EVAL, r.classifier_name),
@@ -291,7 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verb("ingest", cmd_ingest, "read, clean and split the corpus")
     verb("tokenizer", cmd_tokenizer, "train the BPE tokenizer and encode the splits")
-    for name, fn in (("pretrain", cmd_pretrain), ("finetune", cmd_finetune), ("sft", cmd_sft)):
+    for name, fn in (
+        ("pretrain", cmd_pretrain),
+        ("finetune", cmd_finetune),
+        ("sft", cmd_sft),
+        ("compress", cmd_compress),
+    ):
         p = verb(name, fn, f"{name} (resumable)")
         p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     pair = ["lm", "classifier"]
@@ -302,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = verb(name, fn, f"{name} the workdir's models ({', '.join(models)})")
         p.add_argument("--only", choices=models, help="just one of them")
+        p.add_argument("--student", help="a compressed student of the LM instead (a name `compress` printed)")
     sub.choices["export"].add_argument(
         "--format", choices=["onnx", "hf"], default="onnx", help="onnx packages, or transformers GPT-2 checkpoints (hf)"
     )
@@ -364,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # The verbs that write the work directory; `pipeline` is locked by its flow.
-WORKDIR_VERBS = ("ingest", "tokenizer", "pretrain", "finetune", "sft", "evaluate", "export", "register")
+WORKDIR_VERBS = ("ingest", "tokenizer", "pretrain", "finetune", "sft", "compress", "evaluate", "export", "register")
 
 
 def writes_workdir(args) -> bool:

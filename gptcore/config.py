@@ -332,6 +332,48 @@ class SFTConfig(TrainConfig, PeftConfig):
 
 
 @dataclass
+class CompressConfig(TrainConfig):
+    """Students of the pretrained LM: structured pruning to a share of its parameters, then recovery
+    by distillation against its logits; the training fields are the recovery's."""
+
+    max_steps: int = 300
+    """Recovery steps (and the from-scratch students'): half of pretraining's, a fraction of its tokens."""
+    lr: float = 1e-3
+    """Peak learning rate of the recovery: the student starts from trained weights."""
+    min_lr: float = 1e-4
+    warmup_steps: int = 20
+    enabled: bool = False
+    """Run the compress stage in the pipeline, and evaluate, export and register each distilled
+    student (off by default: it does not fit the CPU main job's time)."""
+    fractions: list[float] = field(default_factory=lambda: [0.75, 0.5])
+    """Each student's target share of the teacher's parameters (it gets the largest shape within it)."""
+    prune: str = "both"
+    """What shrinks: `depth` (whole blocks, the least important by measured loss), `width` (residual
+    channels, head dimensions and MLP neurons, by activation) or `both` (blocks in proportion, then width)."""
+    calibration_windows: int = 64
+    """Training windows the importance of blocks, channels and neurons is measured on."""
+    temperature: float = 2.0
+    """Softmax temperature of the distillation KL (the KL term is scaled by its square)."""
+    kl_weight: float = 0.5
+    """Loss = kl_weight * KL(teacher || student) + (1 - kl_weight) * the LM loss."""
+    scratch: bool = False
+    """Also train each student's shape from random weights without the teacher, for the same steps
+    (at `scratch_lr`): the comparison that says what the teacher's weights and logits bought."""
+    scratch_lr: float = 3e-3
+    """Peak learning rate of the from-scratch students (a pretraining rate, not a recovery one)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(bool(self.fractions), "fractions", "name at least one share of the parameters")
+        for fraction in self.fractions:
+            check(0 < fraction <= 1, "fractions", f"each must be in (0, 1], got {fraction}")
+        check(len(set(self.fractions)) == len(self.fractions), "fractions", "each share once")
+        check_one_of(self, "prune", ("depth", "width", "both"))
+        check_positive(self, "calibration_windows", "temperature", "scratch_lr")
+        check_within(self, "kl_weight", 0, 1)
+
+
+@dataclass
 class EvalConfig:
     prompts: list[str] = field(default_factory=lambda: ["ROMEO.", "To be, or not", "Enter a Messenger"])
     """Fixed prompts for the generated samples."""
@@ -427,6 +469,7 @@ class PipelineConfig:
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)

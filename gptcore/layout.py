@@ -6,8 +6,11 @@
     WORKDIR/pretrain/    pretrain: checkpoints/step_*/, best/, metrics.jsonl, result.json
     WORKDIR/finetune/    finetune: the same
     WORKDIR/sft/         chat SFT: the same, plus tokenizer.json with the chat tokens
+    WORKDIR/compress/    compress: result.json, and p<percent>-<recipe>/ per student, each pretrain-shaped
     WORKDIR/eval/        the three evaluations, each with files of its own (EVAL_FILES)
-    WORKDIR/export/lm/, export/classifier/   ONNX model packages (gptcore_model.json describes each)
+    WORKDIR/eval/students/<student>/   a student's LM evaluation
+    WORKDIR/export/lm/, export/classifier/, export/lm-<student>/   ONNX model packages (gptcore_model.json
+                         describes each)
     WORKDIR/scores/      batch scoring's output
 """
 
@@ -77,8 +80,19 @@ class Workdir:
         return self.root / "sft"
 
     @property
+    def compress(self) -> Path:
+        return self.root / "compress"
+
+    def student(self, name: str) -> Path:
+        """A compressed student's directory (its name as `gptcore.results.load_compressed` lists it)."""
+        return self.compress / name
+
+    @property
     def eval(self) -> Path:
         return self.root / "eval"
+
+    def student_eval(self, name: str) -> Path:
+        return self.eval / "students" / name
 
     def export(self, kind: str) -> Path:
         """The ONNX package of `kind` (lm or classifier)."""

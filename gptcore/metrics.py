@@ -182,7 +182,8 @@ def paired_bpb_bootstrap(
     seed: int = 0,
     level: float = 0.95,
 ) -> dict:
-    """a's bits per byte minus b's (the reduction b brings) on the same documents, and its interval.
+    """a's bits per byte minus b's (the reduction b brings) on the same documents, and its interval;
+    and b's bits per byte over a's (`ratio`, e.g. a student's over its teacher's), with its interval.
 
     Per document: each model's summed NLL in nats, and the document's bytes. Each resample pools
     its documents' nats and bytes, as the test bits per byte pools the split: a document weighs
@@ -191,14 +192,16 @@ def paired_bpb_bootstrap(
     nats_a, nats_b, n_bytes = (np.asarray(x, dtype=np.float64) for x in (nats_a, nats_b, n_bytes))
     scale = math.log(2)
     bpb_a, bpb_b = nats_a.sum() / scale / n_bytes.sum(), nats_b.sum() / scale / n_bytes.sum()
-    deltas = [
-        (nats_a[idx].sum(1) - nats_b[idx].sum(1)) / scale / n_bytes[idx].sum(1)
-        for idx in _resamples(len(n_bytes), resamples, seed)
-    ]
+    deltas, ratios = [], []
+    for idx in _resamples(len(n_bytes), resamples, seed):
+        a, b = nats_a[idx].sum(1), nats_b[idx].sum(1)
+        deltas.append((a - b) / scale / n_bytes[idx].sum(1))
+        ratios.append(b / a)  # the same bytes under both: the ratio of bits per byte is that of nats
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     return {
         "bpb": {"a": float(bpb_a), "b": float(bpb_b)},
         "reduction": {"delta": float(bpb_a - bpb_b), "ci": np.percentile(np.concatenate(deltas), q).tolist()},
+        "ratio": {"value": float(bpb_b / bpb_a), "ci": np.percentile(np.concatenate(ratios), q).tolist()},
         "documents": len(n_bytes),
         "level": level,
         "resamples": resamples,

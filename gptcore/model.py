@@ -166,6 +166,17 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> t
     return nll.view(targets.shape)
 
 
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, vocab_size: int, temperature: float):
+    """(..., V padded) logits of a student and its teacher -> (...) KL(teacher || student) per token.
+
+    Both softened by `temperature` over the tokenizer's ids, as `token_nll` scores them, and scaled
+    by its square so the gradients keep their size whatever the temperature (Hinton et al., 2015).
+    """
+    student = F.log_softmax(student_logits[..., :vocab_size].float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits[..., :vocab_size].float() / temperature, dim=-1)
+    return (teacher.exp() * (teacher - student)).sum(dim=-1) * temperature**2
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()

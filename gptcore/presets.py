@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from gptcore.config import (
+    CompressConfig,
     EvalConfig,
     FinetuneConfig,
     ModelConfig,
@@ -93,6 +94,16 @@ def tiny() -> PipelineConfig:
             checkpoint_interval=150,
             eval_conversations=200,
             max_new_tokens=24,
+        ),
+        compress=CompressConfig(
+            max_steps=40,
+            batch_size=16,
+            warmup_steps=5,
+            eval_interval=20,
+            eval_batches=4,
+            log_interval=20,
+            checkpoint_interval=20,
+            calibration_windows=16,
         ),
         evaluate=EvalConfig(max_new_tokens=24, max_eval_tokens=20_000),
     )

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from gptcore.errors import InputError
+from gptcore.errors import ConfigError, InputError
 from gptcore.fsutil import atomic_file, read_json
 from gptcore.layout import INGEST_MANIFEST, PACKAGE_META, RESULT_FILE, SPLITS, TOKENIZER_FILE, TOKENS_MANIFEST
 
@@ -242,6 +242,43 @@ def load_finetuned(out_dir: str | Path) -> FinetuneResult:
 
 def load_sft(out_dir: str | Path) -> SFTResult:
     return SFTResult(**read_stage_output(out_dir, RESULT_FILE, "chat model", "sft"))
+
+
+@dataclass
+class Student:
+    """One compressed student: a pretrain-shaped directory (`load_pretrained` reads it)."""
+
+    name: str  # p<percent>-<recipe>, e.g. p50-distilled
+    recipe: str  # prune+distill, prune (as cut, no recovery) or scratch (same shape, no teacher)
+    target_fraction: float
+    param_fraction: float  # its parameters over the teacher's
+    num_params: int
+    out_dir: str
+    best_val_loss: float
+    steps: int
+
+
+@dataclass
+class CompressResult:
+    out_dir: str
+    teacher_params: int
+    students: list[Student]
+
+    def by_recipe(self, recipe: str) -> list[Student]:
+        return [s for s in self.students if s.recipe == recipe]
+
+    def named(self, name: str) -> Student:
+        """The student called `name`: a name from the user is checked against those written."""
+        for student in self.students:
+            if student.name == name:
+                return student
+        names = ", ".join(s.name for s in self.students)
+        raise ConfigError(f"--student {name!r}: the compress stage in {self.out_dir} made {names}")
+
+
+def load_compressed(out_dir: str | Path) -> CompressResult:
+    raw = read_stage_output(out_dir, RESULT_FILE, "compressed students", "compress")
+    return CompressResult(raw["out_dir"], raw["teacher_params"], [Student(**s) for s in raw["students"]])
 
 
 # --- evaluation ----------------------------------------------------------------------------------

@@ -104,6 +104,8 @@ def package_meta(kind: str, gpt: GPT, tok, model_meta: dict, parity: dict) -> di
         "tokens_digest": model_meta.get("tokens_digest"),
         "parity": parity,
         "checkpoint": model_meta.get("checkpoint"),
+        "num_params": gpt.num_parameters(),
+        "compression": model_meta.get("compression"),  # a compressed student's recipe (`gptcore.train.compress`)
     } | ({"chat": chat_meta(model_meta)} if kind == "chat" else {})
 
 

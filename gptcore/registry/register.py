@@ -7,7 +7,10 @@ generate and classify with it, and `gptcore.runtime.load_model` finds the packag
 a LoggedModel named after its registered model, of the export run that wrote the package (the
 version's source run; `gptcore.registry.lineage`), tagged with the data digest, tokenizer digest
 and git commit, with the config as a file beside it and a description linking the runs that made
-it. A new version gets the alias `challenger`; the first version is champion.
+it. A new version gets the alias `challenger`; the first version is champion. Every version is
+tagged with its parameter count; a compressed student (`gptcore.train.compress`) also with its
+recipe (`gptcore.compression.*`) and takes an alias of its own name (`models:/NAME@p50-distilled`),
+so a version can be served for its size and speed while the gate still judges it as any challenger.
 A version takes `champion` through a paired-bootstrap gate (`gptcore.registry.promotion`) on the test
 examples both versions were evaluated on: the classifier's per-passage predictions, the LM's
 per-document bits per byte. Against a champion that kept no such evidence, it must beat the
@@ -148,6 +151,11 @@ def log_pyfunc(client, run_id: str, name: str, package_dir: str | Path, meta: di
     return client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
 
 
+def compression_tags(recipe: dict[str, Any] | None) -> dict[str, Any]:
+    """A compressed student's recipe on its version, one short tag per field (searchable)."""
+    return {f"gptcore.compression.{k}": json.dumps(v) if isinstance(v, list) else v for k, v in (recipe or {}).items()}
+
+
 def source_checkpoint(meta: dict[str, Any]) -> Path | None:
     """The classifier checkpoint a package was exported from, if it is still there unchanged."""
     source = meta.get("checkpoint")
@@ -239,6 +247,8 @@ def register(
         "gptcore.tokenizer_digest": meta["tokenizer_digest"],
         "gptcore.tokens_digest": meta.get("tokens_digest"),
         f"gptcore.metric.{metric}": value,
+        "gptcore.num_params": meta.get("num_params"),  # to choose a version by size, not only by quality
+        **compression_tags(meta.get("compression")),
         **source_tags(),
     }
     # each precision variant ships in the version's package; its parity figures are on the version
@@ -275,6 +285,8 @@ def register(
             description = version_description(meta["kind"], metric, value, meta, runs)
             version = new_version(client, source_run_id, name, package_dir, meta, tags, kept, description)
         client.set_registered_model_alias(name, CHALLENGER, version)
+        if meta.get("compression"):  # models:/NAME@p50-distilled: the newest version of that student
+            client.set_registered_model_alias(name, meta["compression"]["student"], version)
         for attempt in range(1, DECIDE_ATTEMPTS + 1):
             champion = current_champion(client, name)
             if champion is not None and str(champion.version) == str(version):

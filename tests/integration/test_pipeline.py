@@ -6,7 +6,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from flows.pipeline import STAGE_GRAPH
+from flows.pipeline import STAGE_GRAPH, compress_graph
 from gptcore.layout import CHAMPION
 
 
@@ -19,7 +19,9 @@ def test_tiny_pipeline_end_to_end(prefect_server, tmp_path, monkeypatch):
     monkeypatch.delenv("GPTCORE_MLFLOW_CONFIG", raising=False)
     monkeypatch.chdir(tmp_path)  # no ./mlflow.yaml here: the defaults put MLflow in the work directory
     workdir = tmp_path / "work"
-    state = pipeline_flow(preset="tiny", workdir=str(workdir), return_state=True)
+    config = tmp_path / "compress.yaml"  # and the LM's student at half its parameters, served by its own alias
+    config.write_text("compress:\n  enabled: true\n  fractions: [0.5]\n", encoding="utf-8")
+    state = pipeline_flow(preset="tiny", config_path=str(config), workdir=str(workdir), return_state=True)
     assert state.is_completed()
     summary = state.result()
     h = summary["headline"]
@@ -30,6 +32,9 @@ def test_tiny_pipeline_end_to_end(prefect_server, tmp_path, monkeypatch):
         champion = client.get_model_version_by_alias(name, CHAMPION)
         assert str(champion.version) == summary["models"][name]["version"] == "1"
         assert len(champion.tags["gptcore.data_digest"]) == 64
+    student = client.get_model_version_by_alias("gptcore-lm", "p50-distilled")  # judged after the teacher
+    assert str(student.version) == "2" and student.tags["gptcore.compression.recipe"] == "prune+distill"
+    assert "gptcore-lm v2" in prefect_artifacts(state.state_details.flow_run_id)["gptcore-promotion"]
 
     assert h["lm_parity_max_abs_logit_diff"] < 1e-3
     assert h["lm_parity_greedy_tokens_equal"] == 32
@@ -69,6 +74,8 @@ def test_tiny_pipeline_end_to_end(prefect_server, tmp_path, monkeypatch):
         "register_classifier",
         "register_chat",
         "score",
+        "compress",
+        "compress_p50-distilled",
     }
     assert Path(workdir / "eval" / "samples.txt").read_text().count("--- prompt") == 3
 
@@ -88,9 +95,8 @@ def test_tiny_pipeline_end_to_end(prefect_server, tmp_path, monkeypatch):
     table = markdown_rows(artifacts["gptcore-pipeline-summary"])
     assert table[0] == ["what", "this run"] and all(len(row) == 2 for row in table)
     assert "max \\|dlogit\\|" in dict(table)["ONNX parity"] and "chat max" in dict(table)["ONNX parity"]
-    assert task_graph(state.state_details.flow_run_id) == {
-        stage: set(upstream) for stage, upstream in STAGE_GRAPH.items()
-    }
+    graph = STAGE_GRAPH | compress_graph(["p50-distilled"])
+    assert task_graph(state.state_details.flow_run_id) == {stage: set(upstream) for stage, upstream in graph.items()}
     assert client.get_experiment(exp.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     for run in runs:
         assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.type"] == "JOB"
@@ -98,7 +104,9 @@ def test_tiny_pipeline_end_to_end(prefect_server, tmp_path, monkeypatch):
     headline = parent[0].data.metrics
     assert headline["lm/test_bpb"] == pytest.approx(h["lm_test_bpb"]) and headline["pipeline/seconds"] > 0
     assert "classifier/test_macro_f1_ci_low" in headline and "chat/test_response_bpb" in headline
-    by_stage = {r.data.tags["gptcore.stage"]: r for r in runs}
+    by_stage = {}  # each stage's first run: the teacher's evaluation, export and registration, not the student's
+    for run in sorted(runs, key=lambda r: r.info.start_time):
+        by_stage.setdefault(run.data.tags["gptcore.stage"], run)
     pretrain = by_stage["pretrain"].data.metrics
     assert {"loss/train", "loss/val", "train/lr", "system/cpu_utilization_percentage"} <= set(pretrain)
     assert [a.path for a in client.list_artifacts(by_stage["pretrain"].info.run_id, "charts")] == ["charts/loss.png"]

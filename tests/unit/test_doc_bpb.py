@@ -71,7 +71,9 @@ def test_paired_bpb_bootstrap_sees_a_real_reduction_and_not_noise():
     better = paired_bpb_bootstrap(champion, champion * 0.95, n_bytes)
     assert better["reduction"]["delta"] == pytest.approx(0.05 * better["bpb"]["a"])
     assert better["reduction"]["ci"][0] > 0
+    assert better["ratio"]["value"] == pytest.approx(0.95) and better["ratio"]["ci"] == pytest.approx([0.95, 0.95])
     same = paired_bpb_bootstrap(champion, champion, n_bytes)
     assert same["reduction"]["delta"] == 0 and same["reduction"]["ci"] == [0.0, 0.0]
     noise = paired_bpb_bootstrap(champion, champion * rng.normal(1.0, 0.05, size=300), n_bytes)
     assert noise["reduction"]["ci"][0] < 0 < noise["reduction"]["ci"][1]
+    assert noise["ratio"]["ci"][0] < 1 < noise["ratio"]["ci"][1]
