@@ -63,6 +63,12 @@ class IngestConfig:
     `fail` (error naming file and line) or `skip` (counted)."""
     hf_streaming: bool = True
     """Stream Hugging Face datasets instead of downloading them whole first."""
+    group_field: str | None = None
+    """Split by group instead of by document: every document with one value of this field (an
+    author, a module, a play) lands in the same split, so no group is in both train and test.
+    `source` groups by source file (named relative to its source, as ids are); any other name is
+    a record field, kept as a column like `metadata_fields`, which every document must carry.
+    Unset: each document is its own group (split by a hash of its id)."""
 
     def __post_init__(self) -> None:
         check(len(self.sources) > 0, "sources", "needs at least one source")
@@ -78,6 +84,11 @@ class IngestConfig:
         for spec in self.filters:
             check(spec.count(":") == 1 and all(spec.split(":")), "filters", f"{spec!r} is not 'module:function'")
         check(bool(self.text_field), "text_field", "must not be empty")
+        check(
+            self.group_field not in ("", "id", "text"),
+            "group_field",
+            f"{self.group_field!r} groups nothing; name a record field or 'source', or leave it unset (by document)",
+        )
         for name in ("val_fraction", "test_fraction"):
             check_within(self, name, 0, 0.5, low_open=True, high_open=True)
 

@@ -1,4 +1,4 @@
-"""Ingest: stream the sources, clean and filter, drop duplicates, split by document, write the splits.
+"""Ingest: stream the sources, clean and filter, drop duplicates, split by document or group, write the splits.
 
 Output (written to a temporary directory, then renamed into place):
     OUT/train.parquet, OUT/val.parquet, OUT/test.parquet   columns: id, text, source, <metadata>
@@ -7,8 +7,9 @@ Output (written to a temporary directory, then renamed into place):
 
 Memory stays bounded: documents stream from the readers to row groups of the Parquet writers,
 and the exact-duplicate index costs 8 bytes a document. A document lands in a split by a hash
-of its id alone, so its split depends neither on the order of the sources nor on the rest of
-the corpus. Re-running on unchanged inputs, config and code does no work (`fingerprint`).
+of its id alone (of its group's value, with `group_field`: a group is never in two splits), so
+its split depends neither on the order of the sources nor on the rest of the corpus.
+Re-running on unchanged inputs, config and code does no work (`fingerprint`).
 """
 
 from __future__ import annotations
@@ -38,60 +39,81 @@ _ROW_GROUP_BYTES = 8 << 20
 _PROGRESS_EVERY_S = 10.0
 
 
-def split_key(doc_id: str) -> int:
-    """A document's place in [0, 2^64): its split, from its id alone."""
-    return int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:8], "big")
+def split_key(value: str) -> int:
+    """A document's place in [0, 2^64), from its id (or its group's value) alone."""
+    return int.from_bytes(hashlib.sha256(value.encode("utf-8")).digest()[:8], "big")
+
+
+def group_value(doc: Document, group_field: str) -> str:
+    """The value naming the document's group: its source's name for `source`, else the record field's."""
+    value = doc.source_name if group_field == "source" else doc.metadata.get(group_field)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise InputError(
+            f"{doc.source}: document {doc.id!r} has no value for {group_field!r} (ingest.group_field); "
+            "every document needs its group, or documents of one group could land in two splits"
+        )
+    return str(value)
 
 
 class SplitAssigner:
-    """Assigns each document to train, val or test by its key (a hash of its id).
+    """Assigns each document to train, val or test by its key: a hash of its id, or of its group's
+    value with `group_field`, so every document of a group shares one key and one split.
 
     A small corpus (up to SMALL_CORPUS documents and bytes, held in memory) gets exact
-    fractions by rank of key, at least one document in each split. Past that the documents
-    stream: val below val_fraction of the key range, test below val + test, train above, so a
-    document's split depends on its id alone.
+    fractions of its groups (by default, each document its own) by rank of key, at least one in
+    each split. Past that the documents stream: val below val_fraction of the key range, test
+    below val + test, train above, so a document's split depends on its key alone.
     """
 
     SMALL_CORPUS = (1000, 64 << 20)
 
-    def __init__(self, val_fraction: float, test_fraction: float):
-        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+    def __init__(self, val_fraction: float, test_fraction: float, group_field: str | None = None):
+        self.val_fraction, self.test_fraction, self.group_field = val_fraction, test_fraction, group_field
         self.val_below = int(val_fraction * 2**64)
         self.test_below = int((val_fraction + test_fraction) * 2**64)
-        self.buffer: list[Document] | None = []
+        self.buffer: list[tuple[int, Document]] | None = []
         self.buffer_bytes = 0
 
-    def by_threshold(self, doc: Document) -> tuple[str, Document]:
-        key = split_key(doc.id)
+    def key(self, doc: Document) -> int:
+        return split_key(doc.id if self.group_field is None else group_value(doc, self.group_field))
+
+    def by_threshold(self, key: int, doc: Document) -> tuple[str, Document]:
         return ("val" if key < self.val_below else "test" if key < self.test_below else "train"), doc
 
     def assign(self, doc: Document) -> list[tuple[str, Document]]:
         """The (split, document) pairs to write now."""
+        key = self.key(doc)
         if self.buffer is None:
-            return [self.by_threshold(doc)]
-        self.buffer.append(doc)
+            return [self.by_threshold(key, doc)]
+        self.buffer.append((key, doc))
         self.buffer_bytes += len(doc.text)
         if len(self.buffer) <= self.SMALL_CORPUS[0] and self.buffer_bytes <= self.SMALL_CORPUS[1]:
             return []
         held, self.buffer = self.buffer, None  # a large corpus: stream from here on
-        return [self.by_threshold(d) for d in held]
+        return [self.by_threshold(k, d) for k, d in held]
 
     def finish(self) -> list[tuple[str, Document]]:
-        """What a small corpus held back, by rank of key."""
+        """What a small corpus held back: its groups' keys ranked, the first for val, then test, then train."""
         if self.buffer is None:
             return []
-        docs = sorted(self.buffer, key=lambda d: split_key(d.id))
-        if len(docs) < 3:
-            raise InputError(f"the corpus has {len(docs)} document(s) after cleaning; train/val/test needs at least 3")
-        n_val = max(1, round(len(docs) * self.val_fraction))
-        n_test = max(1, round(len(docs) * self.test_fraction))
-        if n_val + n_test >= len(docs):
+        keys = sorted({key for key, _ in self.buffer})
+        units = "document" if self.group_field is None else "group"
+        of_field = "" if self.group_field is None else f" of {self.group_field!r}"
+        if len(keys) < 3:
             raise InputError(
-                f"the corpus has {len(docs)} documents: val_fraction={self.val_fraction} and "
+                f"the corpus has {len(keys)} {units}(s){of_field} after cleaning; train/val/test needs at least 3"
+            )
+        n_val = max(1, round(len(keys) * self.val_fraction))
+        n_test = max(1, round(len(keys) * self.test_fraction))
+        if n_val + n_test >= len(keys):
+            raise InputError(
+                f"the corpus has {len(keys)} {units}s{of_field}: val_fraction={self.val_fraction} and "
                 f"test_fraction={self.test_fraction} hold out {n_val} + {n_test}, leaving none for train"
             )
-        splits = ["val"] * n_val + ["test"] * n_test + ["train"] * (len(docs) - n_val - n_test)
-        return sorted(zip(splits, docs), key=lambda pair: pair[1].id)
+        split_of = {
+            key: "val" if i < n_val else "test" if i < n_val + n_test else "train" for i, key in enumerate(keys)
+        }
+        return sorted(((split_of[key], doc) for key, doc in self.buffer), key=lambda pair: pair[1].id)
 
 
 class MetadataTypes:
@@ -166,8 +188,14 @@ class SplitWriter:
         return {"documents": self.documents, "bytes": self.bytes, "digest": digest}
 
 
+def record_fields(cfg: IngestConfig) -> list[str]:
+    """The record fields every document must carry: the metadata asked for, and the group field."""
+    group = [cfg.group_field] if cfg.group_field not in (None, "source", *cfg.metadata_fields) else []
+    return [*cfg.metadata_fields, *group]
+
+
 def metadata_columns(cfg: IngestConfig) -> list[str]:
-    return sorted(set(cfg.metadata_fields) | (set(SHAKESPEARE_FIELDS) if "shakespeare" in cfg.sources else set()))
+    return sorted(set(record_fields(cfg)) | (set(SHAKESPEARE_FIELDS) if "shakespeare" in cfg.sources else set()))
 
 
 class Progress:
@@ -195,7 +223,7 @@ def stream_splits(cfg: IngestConfig, tmp: Path, counts: Counter) -> dict[str, di
     """Read, clean, dedup and split every document into tmp/{split}.parquet; return per-split stats."""
     reader = Reader(
         cfg.text_field,
-        cfg.metadata_fields,
+        record_fields(cfg),
         cfg.invalid_utf8,
         cfg.bad_records,
         cfg.max_document_bytes,
@@ -205,7 +233,7 @@ def stream_splits(cfg: IngestConfig, tmp: Path, counts: Counter) -> dict[str, di
     cleaner = Cleaner(cfg)
     exact, near = ExactDedup(), NearDedup(cfg.near_dedup_threshold) if cfg.near_dedup else None
     columns = metadata_columns(cfg)
-    types, assigner = MetadataTypes(columns), SplitAssigner(cfg.val_fraction, cfg.test_fraction)
+    types, assigner = MetadataTypes(columns), SplitAssigner(cfg.val_fraction, cfg.test_fraction, cfg.group_field)
     writers = {s: SplitWriter(tmp / f"{s}.parquet", columns) for s in SPLITS}
     progress = Progress("ingest")
     for doc in reader.documents(cfg.sources):
@@ -236,7 +264,8 @@ def stream_splits(cfg: IngestConfig, tmp: Path, counts: Counter) -> dict[str, di
                 if split == "train"
                 else f"raise ingest.{split}_fraction"
             )
-            raise InputError(f"the {split} split is empty: no document's id hashed into it; {fix}")
+            hashed = "document's id" if cfg.group_field is None else f"{cfg.group_field!r} group"
+            raise InputError(f"the {split} split is empty: no {hashed} hashed into it; {fix}")
     log.info(
         "ingest: read %d documents (%.1fM characters) in %.1fs",
         progress.documents,

