@@ -6,11 +6,13 @@ that writes the documents cleaning keeps to a spill file, a batch at a time; the
 the spill files back in the order of the units. So what follows (dedup, split, write) sees the
 same documents in the same order whatever the worker count, and writes the same bytes. Tasks
 run at most two a worker ahead of the parent: memory holds a batch a process, disk the cleaned
-text of those tasks, beside the output.
+text of those tasks, beside the output. What a task logs (a skipped record's warning) is logged
+again by the parent, so it reaches the stage's log as it would from one process.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import pickle
@@ -23,6 +25,8 @@ from pathlib import Path
 from gptcore.config import IngestConfig
 from gptcore.data.filters import Cleaner
 from gptcore.data.sources import Document, Reader, SourceUnit, source_units
+
+log = logging.getLogger("gptcore.data")
 
 _SPILL_BATCH_BYTES = 8 << 20
 _TASKS_AHEAD_PER_WORKER = 2  # one running, one waiting: a worker never idles while the parent reads
@@ -79,29 +83,47 @@ def cleaned_documents(cfg: IngestConfig, counts: Counter, spill_parent: Path) ->
                     spill = Path(spill_dir) / f"{n:06d}.pickle"
                     tasks.append((pool.submit(_clean_to_spill, cfg, units[n], spill), spill))
                 future, spill = tasks.popleft()
-                counts.update(future.result())
+                task_counts, task_log = future.result()
+                for level, message in task_log:
+                    log.log(level, "%s", message)
+                counts.update(task_counts)
                 yield from _read_spill(spill)
                 spill.unlink()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # before the spill directory goes: no task still writes
 
 
-def _clean_to_spill(cfg: IngestConfig, unit: SourceUnit, spill: Path) -> Counter:
-    """A worker's task: the unit's kept documents into `spill`, pickled in batches; what it counted."""
-    reader, cleaner = make_reader(cfg), Cleaner(cfg)
-    with open(spill, "wb") as f:
-        batch, batch_bytes = [], 0
-        for doc in clean_unit(reader, cleaner, unit):
-            batch.append(doc)
-            batch_bytes += len(doc.text)
-            if batch_bytes >= _SPILL_BATCH_BYTES:
-                pickle.dump(batch, f, protocol=pickle.HIGHEST_PROTOCOL)
-                batch, batch_bytes = [], 0
-        pickle.dump(batch, f, protocol=pickle.HIGHEST_PROTOCOL)
+class _LogLines(logging.Handler):
+    """A worker's log records, kept to be logged again by the parent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[tuple[int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((record.levelno, record.getMessage()))
+
+
+def _clean_to_spill(cfg: IngestConfig, unit: SourceUnit, spill: Path) -> tuple[Counter, list[tuple[int, str]]]:
+    """A worker's task: the unit's kept documents into `spill`, pickled in batches; what it counted and logged."""
+    reader, cleaner, log_lines = make_reader(cfg), Cleaner(cfg), _LogLines()
+    log.addHandler(log_lines)
+    try:
+        with open(spill, "wb") as f:
+            batch, batch_bytes = [], 0
+            for doc in clean_unit(reader, cleaner, unit):
+                batch.append(doc)
+                batch_bytes += len(doc.text)
+                if batch_bytes >= _SPILL_BATCH_BYTES:
+                    pickle.dump(batch, f, protocol=pickle.HIGHEST_PROTOCOL)
+                    batch, batch_bytes = [], 0
+            pickle.dump(batch, f, protocol=pickle.HIGHEST_PROTOCOL)
+    finally:
+        log.removeHandler(log_lines)
     counts: Counter = Counter()
     counts.update(reader.counts)  # update, not +: a count of 0 is kept, as in process
     counts.update(cleaner.counts)
-    return counts
+    return counts, log_lines.lines
 
 
 def _read_spill(spill: Path) -> Iterator[Document]:

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import logging
+import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -90,6 +91,19 @@ def test_an_error_in_a_worker_names_its_file_and_leaves_nothing(tmp_path, pool_t
         ingest(IngestConfig(sources=[str(src)], workers=2), tmp_path / "work" / "data", tracking=None)
     assert len(pool_tasks) == 2
     assert list((tmp_path / "work").iterdir()) == []  # no output, no spill files
+
+
+def test_what_a_worker_warns_reaches_the_parents_log(tmp_path, pool_tasks, caplog):
+    src = tmp_path / "src"
+    src.mkdir()
+    write_jsonl(src / "a.jsonl", [{"text": f"short {i}\n"} for i in range(5)])
+    write_jsonl(src / "b.jsonl", [{"text": "fine"}, {"text": "x" * 3000}, {"text": "also fine"}])
+    with caplog.at_level(logging.WARNING, logger="gptcore.data"):
+        ingest(IngestConfig(sources=[str(src)], workers=2, max_document_bytes=100), tmp_path / "out")
+    assert len(pool_tasks) == 2
+    assert re.search(r"b\.jsonl:2: a \d+-byte record exceeds max_document_bytes=100: skipped", caplog.text)
+    manifest = json.loads((tmp_path / "out" / INGEST_MANIFEST).read_text(encoding="utf-8"))
+    assert manifest["counts"]["skipped_too_long"] == 1
 
 
 def test_negative_workers_are_refused():
