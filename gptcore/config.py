@@ -70,10 +70,10 @@ class IngestConfig:
     a record field, kept as a column like `metadata_fields`, which every document must carry.
     Unset: each document is its own group (split by a hash of its id)."""
     workers: int = 0
-    """Processes that read and clean the sources in parallel, a file each at a time (Shakespeare
-    and a hub dataset are one task each); 0: one per CPU core, 1: in this process. Dedup, the
-    split and the writing stay in one process, in input order: the outputs are the same bytes
-    whatever the count."""
+    """Processes that read and clean the sources in parallel, a file (a Parquet row group) a task;
+    Shakespeare and a hub dataset are one task each. 0: one per CPU core, 1: in this process.
+    Dedup, the split and the writing stay in one process, in input order: the outputs are the
+    same bytes whatever the count."""
 
     def __post_init__(self) -> None:
         check(len(self.sources) > 0, "sources", "needs at least one source")

@@ -266,7 +266,7 @@ def ingest(cfg: IngestConfig, out_dir: str | Path, tracking: Tracking | None = N
     """Read, clean and split the corpus of `cfg` into `out_dir`; log counts and the manifest."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    code = [__name__, "gptcore.data.reading", "gptcore.data.sources", "gptcore.data.filters", "gptcore.data.dedup"]
+    code = [__name__] + [f"gptcore.data.{name}" for name in ("reading", "files", "sources", "filters", "dedup")]
     key = fingerprint(cfg.sources, output_config(cfg), code)
     if up_to_date(out_dir / INGEST_MANIFEST, key, [f"{s}.parquet" for s in SPLITS]):
         result = load_ingest(out_dir)

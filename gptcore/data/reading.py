@@ -1,13 +1,14 @@
 """The sources read and cleaned, in worker processes or in this one, the documents in input order.
 
-A task reads and cleans one unit of the sources (`source_units`: a file, the Shakespeare corpus,
-a hub dataset). With more than one worker (`ingest.workers`) each task runs in a worker process
-that writes the documents cleaning keeps to a spill file, a batch at a time; the parent reads
-the spill files back in the order of the units. So what follows (dedup, split, write) sees the
-same documents in the same order whatever the worker count, and writes the same bytes. Tasks
-run at most two a worker ahead of the parent: memory holds a batch a process, disk the cleaned
-text of those tasks, beside the output. What a task logs (a skipped record's warning) is logged
-again by the parent, so it reaches the stage's log as it would from one process.
+A task reads and cleans one unit of the sources (`source_units`: a file, a row group of a
+Parquet file of several, the Shakespeare corpus, a hub dataset). With more than one worker
+(`ingest.workers`) each task runs in a worker process that writes the documents cleaning keeps
+to a spill file, a batch at a time; the parent reads the spill files back in the order of the
+units. So what follows (dedup, split, write) sees the same documents in the same order whatever
+the worker count, and writes the same bytes. Tasks run at most two a worker ahead of the parent:
+memory holds a batch a process, disk the cleaned text of those tasks, beside the output. What a
+task logs (a skipped record's warning) is logged again by the parent, so it reaches the stage's
+log as it would from one process.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from gptcore.config import IngestConfig
+from gptcore.data.files import SourceUnit, source_units
 from gptcore.data.filters import Cleaner
-from gptcore.data.sources import Document, Reader, SourceUnit, source_units
+from gptcore.data.sources import Document, Reader
 
 log = logging.getLogger("gptcore.data")
 

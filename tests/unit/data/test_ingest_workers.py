@@ -16,7 +16,9 @@ import pytest
 from gptcore.config import IngestConfig
 from gptcore.data import ingest as ingest_module
 from gptcore.data import reading
+from gptcore.data.files import source_units
 from gptcore.data.ingest import ingest
+from gptcore.data.sources import Reader
 from gptcore.errors import ConfigError, InputError
 from gptcore.layout import INGEST_MANIFEST, SPLITS
 
@@ -69,7 +71,7 @@ def test_splits_are_the_same_bytes_for_one_worker_and_two(tmp_path, monkeypatch,
     one = ingest(cfg, tmp_path / "one", tracking=None)
     assert pool_tasks == []
     two = ingest(replace(cfg, workers=2), tmp_path / "two", tracking=None)
-    assert len(pool_tasks) == 6  # every file a task in a worker process
+    assert len(pool_tasks) == 8  # every file a task in a worker process, the Parquet file's 3 row groups 3 tasks
     assert file_digests(tmp_path / "one") == file_digests(tmp_path / "two")
     assert one.digest == two.digest
     manifest = json.loads((tmp_path / "two" / INGEST_MANIFEST).read_text(encoding="utf-8"))
@@ -80,6 +82,16 @@ def test_splits_are_the_same_bytes_for_one_worker_and_two(tmp_path, monkeypatch,
     with caplog.at_level(logging.INFO, logger="gptcore.data"):  # another worker count: the same output, no work
         ingest(cfg, tmp_path / "two", tracking=None)
     assert "nothing to do" in caplog.text
+
+
+def test_a_parquet_file_read_a_row_group_a_task_gives_the_documents_of_the_whole_file(tmp_path):
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(10)]}), path, row_group_size=4)
+    units = source_units([str(path)])
+    assert [u.row_group for u in units] == [0, 1, 2]
+    by_group = [(d.id, d.text) for unit in units for d in Reader().read_unit(unit)]
+    assert by_group == [(d.id, d.text) for d in Reader().read_file(path)]
+    assert by_group == [(f"rows.parquet:{i}", f"row {i}") for i in range(10)]  # rows numbered across the groups
 
 
 def test_an_error_in_a_worker_names_its_file_and_leaves_nothing(tmp_path, pool_tasks):
