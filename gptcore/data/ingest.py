@@ -266,7 +266,8 @@ def ingest(cfg: IngestConfig, out_dir: str | Path, tracking: Tracking | None = N
     """Read, clean and split the corpus of `cfg` into `out_dir`; log counts and the manifest."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    code = [__name__] + [f"gptcore.data.{name}" for name in ("reading", "files", "sources", "filters", "dedup")]
+    modules = ("reading", "spill", "files", "sources", "filters", "dedup")
+    code = [__name__] + [f"gptcore.data.{name}" for name in modules]
     key = fingerprint(cfg.sources, output_config(cfg), code)
     if up_to_date(out_dir / INGEST_MANIFEST, key, [f"{s}.parquet" for s in SPLITS]):
         result = load_ingest(out_dir)

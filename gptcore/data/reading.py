@@ -3,12 +3,12 @@
 A task reads and cleans one unit of the sources (`source_units`: a file, a row group of a
 Parquet file of several, the Shakespeare corpus, a hub dataset). With more than one worker
 (`ingest.workers`) each task runs in a worker process that writes the documents cleaning keeps
-to a spill file, a batch at a time; the parent reads the spill files back in the order of the
-units. So what follows (dedup, split, write) sees the same documents in the same order whatever
-the worker count, and writes the same bytes. Tasks run at most two a worker ahead of the parent:
-memory holds a batch a process, disk the cleaned text of those tasks, beside the output. What a
-task logs (a skipped record's warning) is logged again by the parent, so it reaches the stage's
-log as it would from one process.
+to a spill file (Arrow, not pickle: `gptcore.data.spill`), a batch at a time; the parent reads
+the spill files back in the order of the units. So what follows (dedup, split, write) sees the
+same documents in the same order whatever the worker count, and writes the same bytes. Tasks
+run at most two a worker ahead of the parent: memory holds a batch a process, disk the cleaned
+text of those tasks, beside the output. What a task logs (a skipped record's warning) is logged
+again by the parent, so it reaches the stage's log as it would from one process.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import pickle
 import tempfile
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -27,10 +26,10 @@ from gptcore.config import IngestConfig
 from gptcore.data.files import SourceUnit, source_units
 from gptcore.data.filters import Cleaner
 from gptcore.data.sources import Document, Reader
+from gptcore.data.spill import SpillWriter, read_spill
 
 log = logging.getLogger("gptcore.data")
 
-_SPILL_BATCH_BYTES = 8 << 20
 _TASKS_AHEAD_PER_WORKER = 2  # one running, one waiting: a worker never idles while the parent reads
 
 
@@ -71,8 +70,7 @@ def cleaned_documents(cfg: IngestConfig, counts: Counter, spill_parent: Path) ->
         reader, cleaner = make_reader(cfg), Cleaner(cfg)
         for unit in units:
             yield from clean_unit(reader, cleaner, unit)
-        counts.update(reader.counts)
-        counts.update(cleaner.counts)
+        counts.update(_task_counts(reader, cleaner))
         return
     with tempfile.TemporaryDirectory(prefix=".spill-", dir=spill_parent) as spill_dir:
         # spawn, not fork: the parent may hold threads (MLflow, Prefect) that a forked child would inherit stopped.
@@ -82,14 +80,14 @@ def cleaned_documents(cfg: IngestConfig, counts: Counter, spill_parent: Path) ->
             for i in range(len(units)):
                 while len(tasks) < workers * _TASKS_AHEAD_PER_WORKER and i + len(tasks) < len(units):
                     n = i + len(tasks)
-                    spill = Path(spill_dir) / f"{n:06d}.pickle"
+                    spill = Path(spill_dir) / f"{n:06d}.arrow"
                     tasks.append((pool.submit(_clean_to_spill, cfg, units[n], spill), spill))
                 future, spill = tasks.popleft()
                 task_counts, task_log = future.result()
                 for level, message in task_log:
                     log.log(level, "%s", message)
                 counts.update(task_counts)
-                yield from _read_spill(spill)
+                yield from read_spill(spill)
                 spill.unlink()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # before the spill directory goes: no task still writes
@@ -107,33 +105,20 @@ class _LogLines(logging.Handler):
 
 
 def _clean_to_spill(cfg: IngestConfig, unit: SourceUnit, spill: Path) -> tuple[Counter, list[tuple[int, str]]]:
-    """A worker's task: the unit's kept documents into `spill`, pickled in batches; what it counted and logged."""
+    """A worker's task: the unit's kept documents into `spill`; what it counted and logged."""
     reader, cleaner, log_lines = make_reader(cfg), Cleaner(cfg), _LogLines()
     log.addHandler(log_lines)
     try:
-        with open(spill, "wb") as f:
-            batch, batch_bytes = [], 0
+        with SpillWriter(spill) as writer:
             for doc in clean_unit(reader, cleaner, unit):
-                batch.append(doc)
-                batch_bytes += len(doc.text)
-                if batch_bytes >= _SPILL_BATCH_BYTES:
-                    pickle.dump(batch, f, protocol=pickle.HIGHEST_PROTOCOL)
-                    batch, batch_bytes = [], 0
-            pickle.dump(batch, f, protocol=pickle.HIGHEST_PROTOCOL)
+                writer.add(doc)
     finally:
         log.removeHandler(log_lines)
+    return _task_counts(reader, cleaner), log_lines.lines
+
+
+def _task_counts(reader: Reader, cleaner: Cleaner) -> Counter:
     counts: Counter = Counter()
-    counts.update(reader.counts)  # update, not +: a count of 0 is kept, as in process
+    counts.update(reader.counts)  # update, not +: a count of 0 is kept, so the manifest names every step
     counts.update(cleaner.counts)
-    return counts, log_lines.lines
-
-
-def _read_spill(spill: Path) -> Iterator[Document]:
-    """The documents a task wrote to its spill file (ours, written just now: unpickling it is safe)."""
-    with open(spill, "rb") as f:
-        while True:
-            try:
-                batch = pickle.load(f)
-            except EOFError:
-                return
-            yield from batch
+    return counts
