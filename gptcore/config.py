@@ -54,7 +54,7 @@ class IngestConfig:
     filters: list[str] = field(default_factory=list)
     """Extra predicates `module:function(text, metadata) -> bool` (False drops), e.g.
     `gptcore.data.filters:mostly_letters`; language or quality filters plug in here. Trusted input:
-    each module is imported and each function run in the ingest process, so a config naming
+    each module is imported and each function run in the ingest processes, so a config naming
     filters is code; take one only from a source you would take code from."""
     invalid_utf8: str = "fail"
     """`fail` (error naming the file and byte offset) or `replace` (U+FFFD, counted)."""
@@ -63,6 +63,17 @@ class IngestConfig:
     `fail` (error naming file and line) or `skip` (counted)."""
     hf_streaming: bool = True
     """Stream Hugging Face datasets instead of downloading them whole first."""
+    group_field: str | None = None
+    """Split by group instead of by document: every document with one value of this field (an
+    author, a module, a play) lands in the same split, so no group is in both train and test.
+    `source` groups by source file (named relative to its source, as ids are); any other name is
+    a record field, kept as a column like `metadata_fields`, which every document must carry.
+    Unset: each document is its own group (split by a hash of its id)."""
+    workers: int = 0
+    """Processes that read and clean the sources in parallel, a file (a Parquet row group) a task;
+    Shakespeare and a hub dataset are one task each. 0: one per CPU core, 1: in this process.
+    Dedup, the split and the writing stay in one process, in input order: the outputs are the
+    same bytes whatever the count."""
 
     def __post_init__(self) -> None:
         check(len(self.sources) > 0, "sources", "needs at least one source")
@@ -70,6 +81,7 @@ class IngestConfig:
         check_one_of(self, "bad_records", ("fail", "skip"))
         check_within(self, "near_dedup_threshold", 0, 1, low_open=True)
         check_positive(self, "min_document_bytes", "max_document_bytes", "max_row_group_bytes")
+        check_non_negative(self, "workers")
         check(
             self.min_document_bytes <= self.max_document_bytes,
             "min_document_bytes",
@@ -78,6 +90,11 @@ class IngestConfig:
         for spec in self.filters:
             check(spec.count(":") == 1 and all(spec.split(":")), "filters", f"{spec!r} is not 'module:function'")
         check(bool(self.text_field), "text_field", "must not be empty")
+        check(
+            self.group_field not in ("", "id", "text"),
+            "group_field",
+            f"{self.group_field!r} groups nothing; name a record field or 'source', or leave it unset (by document)",
+        )
         for name in ("val_fraction", "test_fraction"):
             check_within(self, name, 0, 0.5, low_open=True, high_open=True)
 

@@ -1,5 +1,6 @@
-"""Where a file source's documents lie, and their bytes: the files of a path, directory or glob,
-each checked to be a regular file inside its source, and compressed files read to their end.
+"""Where a source's documents lie, and their bytes: a source's kind, the units a task reads (a
+file; a Parquet file's row group), the files of a path, directory or glob, each checked to be a
+regular file inside its source, and compressed files read to their end.
 
 A FIFO blocks its reader until something writes to it and a device may never end, so neither is
 read; a symlink leading out of a source directory would read a file the source does not hold.
@@ -14,12 +15,67 @@ import io
 import os
 import re
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from gptcore.errors import InputError
 
 FILE_SUFFIXES = (".txt", ".md", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".csv")
+_SCHEME = re.compile(r"^([A-Za-z][\w+.-]+):")  # two letters at least: 'C:' is a drive, not a scheme
+
+
+@dataclass(frozen=True)
+class SourceUnit:
+    """What one task reads: a file of a source (a row group of a Parquet file of several), the
+    Shakespeare corpus, or a hub dataset."""
+
+    spec: str
+    path: Path | None = None
+    key: str | None = None
+    """A file's name within its source (`stable_name`): its documents' ids start with it."""
+    row_group: int | None = None
+
+
+def source_units(sources: list[str]) -> list[SourceUnit]:
+    """The units of the sources, in input order (a directory's or glob's files sorted)."""
+    units = []
+    for spec in sources:
+        if source_kind(spec) != "files":
+            units.append(SourceUnit(spec))
+            continue
+        for path in expand_paths(spec):
+            key = stable_name(path, spec)
+            if file_suffix(path) == ".parquet" and (groups := open_parquet(path).num_row_groups) > 1:
+                units += [SourceUnit(spec, path, key, g) for g in range(groups)]  # a task a row group
+            else:
+                units.append(SourceUnit(spec, path, key))
+    return units
+
+
+def open_parquet(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        # buffer_size: column chunks are read a MiB at a time rather than whole
+        return pq.ParquetFile(path, buffer_size=1 << 20)
+    except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+        raise InputError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def source_kind(spec: str) -> str:
+    """`shakespeare`, `hf` or `files`; an unknown `scheme:` is an error."""
+    if spec == "shakespeare":
+        return "shakespeare"
+    scheme = _SCHEME.match(spec)
+    if scheme and scheme.group(1) == "hf":
+        return "hf"
+    if scheme:
+        raise InputError(
+            f"source {spec!r}: unknown source kind {scheme.group(1)!r}; "
+            "use 'shakespeare', a path or glob of files, or 'hf:NAME[:CONFIG][@SPLIT]'"
+        )
+    return "files"
 
 
 def file_suffix(path: Path) -> str:

@@ -1,14 +1,16 @@
-"""Ingest: stream the sources, clean and filter, drop duplicates, split by document, write the splits.
+"""Ingest: stream the sources, clean and filter, drop duplicates, split by document or group, write the splits.
 
 Output (written to a temporary directory, then renamed into place):
     OUT/train.parquet, OUT/val.parquet, OUT/test.parquet   columns: id, text, source, <metadata>
     OUT/manifest.json    per split: documents, bytes, digest; every source file with its sha256;
                          what each cleaning step counted; the corpus digest; the input fingerprint
 
-Memory stays bounded: documents stream from the readers to row groups of the Parquet writers,
-and the exact-duplicate index costs 8 bytes a document. A document lands in a split by a hash
-of its id alone, so its split depends neither on the order of the sources nor on the rest of
-the corpus. Re-running on unchanged inputs, config and code does no work (`fingerprint`).
+Memory stays bounded: documents stream from the readers (in worker processes, a file each:
+`gptcore.data.reading`, back in input order) to row groups of the Parquet writers, and the
+exact-duplicate index costs 8 bytes a document. A document lands in a split by a hash
+of its id alone (of its group's value, with `group_field`: a group is never in two splits), so
+its split depends neither on the order of the sources nor on the rest of the corpus.
+Re-running on unchanged inputs, config and code does no work (`fingerprint`).
 """
 
 from __future__ import annotations
@@ -17,15 +19,16 @@ import hashlib
 import logging
 import time
 from collections import Counter
+from contextlib import closing
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from gptcore.config import IngestConfig
 from gptcore.data.dedup import ExactDedup, NearDedup
-from gptcore.data.filters import Cleaner
 from gptcore.data.lineage import fingerprint, source_digests, up_to_date
-from gptcore.data.sources import SHAKESPEARE_FIELDS, Document, Reader
+from gptcore.data.reading import cleaned_documents, record_fields
+from gptcore.data.sources import SHAKESPEARE_FIELDS, Document
 from gptcore.errors import InputError
 from gptcore.fsutil import atomic_dir, write_json
 from gptcore.layout import INGEST_MANIFEST, SPLITS
@@ -38,60 +41,81 @@ _ROW_GROUP_BYTES = 8 << 20
 _PROGRESS_EVERY_S = 10.0
 
 
-def split_key(doc_id: str) -> int:
-    """A document's place in [0, 2^64): its split, from its id alone."""
-    return int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:8], "big")
+def split_key(value: str) -> int:
+    """A document's place in [0, 2^64), from its id (or its group's value) alone."""
+    return int.from_bytes(hashlib.sha256(value.encode("utf-8")).digest()[:8], "big")
+
+
+def group_value(doc: Document, group_field: str) -> str:
+    """The value naming the document's group: its source's name for `source`, else the record field's."""
+    value = doc.source_name if group_field == "source" else doc.metadata.get(group_field)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise InputError(
+            f"{doc.source}: document {doc.id!r} has no value for {group_field!r} (ingest.group_field); "
+            "every document needs its group, or documents of one group could land in two splits"
+        )
+    return str(value)
 
 
 class SplitAssigner:
-    """Assigns each document to train, val or test by its key (a hash of its id).
+    """Assigns each document to train, val or test by its key: a hash of its id, or of its group's
+    value with `group_field`, so every document of a group shares one key and one split.
 
     A small corpus (up to SMALL_CORPUS documents and bytes, held in memory) gets exact
-    fractions by rank of key, at least one document in each split. Past that the documents
-    stream: val below val_fraction of the key range, test below val + test, train above, so a
-    document's split depends on its id alone.
+    fractions of its groups (by default, each document its own) by rank of key, at least one in
+    each split. Past that the documents stream: val below val_fraction of the key range, test
+    below val + test, train above, so a document's split depends on its key alone.
     """
 
     SMALL_CORPUS = (1000, 64 << 20)
 
-    def __init__(self, val_fraction: float, test_fraction: float):
-        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+    def __init__(self, val_fraction: float, test_fraction: float, group_field: str | None = None):
+        self.val_fraction, self.test_fraction, self.group_field = val_fraction, test_fraction, group_field
         self.val_below = int(val_fraction * 2**64)
         self.test_below = int((val_fraction + test_fraction) * 2**64)
-        self.buffer: list[Document] | None = []
+        self.buffer: list[tuple[int, Document]] | None = []
         self.buffer_bytes = 0
 
-    def by_threshold(self, doc: Document) -> tuple[str, Document]:
-        key = split_key(doc.id)
+    def key(self, doc: Document) -> int:
+        return split_key(doc.id if self.group_field is None else group_value(doc, self.group_field))
+
+    def by_threshold(self, key: int, doc: Document) -> tuple[str, Document]:
         return ("val" if key < self.val_below else "test" if key < self.test_below else "train"), doc
 
     def assign(self, doc: Document) -> list[tuple[str, Document]]:
         """The (split, document) pairs to write now."""
+        key = self.key(doc)
         if self.buffer is None:
-            return [self.by_threshold(doc)]
-        self.buffer.append(doc)
+            return [self.by_threshold(key, doc)]
+        self.buffer.append((key, doc))
         self.buffer_bytes += len(doc.text)
         if len(self.buffer) <= self.SMALL_CORPUS[0] and self.buffer_bytes <= self.SMALL_CORPUS[1]:
             return []
         held, self.buffer = self.buffer, None  # a large corpus: stream from here on
-        return [self.by_threshold(d) for d in held]
+        return [self.by_threshold(k, d) for k, d in held]
 
     def finish(self) -> list[tuple[str, Document]]:
-        """What a small corpus held back, by rank of key."""
+        """What a small corpus held back: its groups' keys ranked, the first for val, then test, then train."""
         if self.buffer is None:
             return []
-        docs = sorted(self.buffer, key=lambda d: split_key(d.id))
-        if len(docs) < 3:
-            raise InputError(f"the corpus has {len(docs)} document(s) after cleaning; train/val/test needs at least 3")
-        n_val = max(1, round(len(docs) * self.val_fraction))
-        n_test = max(1, round(len(docs) * self.test_fraction))
-        if n_val + n_test >= len(docs):
+        keys = sorted({key for key, _ in self.buffer})
+        units = "document" if self.group_field is None else "group"
+        of_field = "" if self.group_field is None else f" of {self.group_field!r}"
+        if len(keys) < 3:
             raise InputError(
-                f"the corpus has {len(docs)} documents: val_fraction={self.val_fraction} and "
+                f"the corpus has {len(keys)} {units}(s){of_field} after cleaning; train/val/test needs at least 3"
+            )
+        n_val = max(1, round(len(keys) * self.val_fraction))
+        n_test = max(1, round(len(keys) * self.test_fraction))
+        if n_val + n_test >= len(keys):
+            raise InputError(
+                f"the corpus has {len(keys)} {units}s{of_field}: val_fraction={self.val_fraction} and "
                 f"test_fraction={self.test_fraction} hold out {n_val} + {n_test}, leaving none for train"
             )
-        splits = ["val"] * n_val + ["test"] * n_test + ["train"] * (len(docs) - n_val - n_test)
-        return sorted(zip(splits, docs), key=lambda pair: pair[1].id)
+        split_of = {
+            key: "val" if i < n_val else "test" if i < n_val + n_test else "train" for i, key in enumerate(keys)
+        }
+        return sorted(((split_of[key], doc) for key, doc in self.buffer), key=lambda pair: pair[1].id)
 
 
 class MetadataTypes:
@@ -167,11 +191,11 @@ class SplitWriter:
 
 
 def metadata_columns(cfg: IngestConfig) -> list[str]:
-    return sorted(set(cfg.metadata_fields) | (set(SHAKESPEARE_FIELDS) if "shakespeare" in cfg.sources else set()))
+    return sorted(set(record_fields(cfg)) | (set(SHAKESPEARE_FIELDS) if "shakespeare" in cfg.sources else set()))
 
 
 class Progress:
-    """A log line every few seconds: documents, characters, rate."""
+    """A log line every few seconds: documents kept by cleaning, their characters, the rate."""
 
     def __init__(self, name: str):
         self.name, self.start, self.last, self.documents, self.chars = name, time.perf_counter(), 0.0, 0, 0
@@ -183,7 +207,7 @@ class Progress:
         if now - self.last >= _PROGRESS_EVERY_S:
             self.last = now
             log.info(
-                "%s: %d documents, %.1fM characters read, %.1fM characters/s",
+                "%s: %d documents, %.1fM characters read and cleaned, %.1fM characters/s",
                 self.name,
                 self.documents,
                 self.chars / 1e6,
@@ -193,42 +217,28 @@ class Progress:
 
 def stream_splits(cfg: IngestConfig, tmp: Path, counts: Counter) -> dict[str, dict[str, Any]]:
     """Read, clean, dedup and split every document into tmp/{split}.parquet; return per-split stats."""
-    reader = Reader(
-        cfg.text_field,
-        cfg.metadata_fields,
-        cfg.invalid_utf8,
-        cfg.bad_records,
-        cfg.max_document_bytes,
-        cfg.hf_streaming,
-        cfg.max_row_group_bytes,
-    )
-    cleaner = Cleaner(cfg)
     exact, near = ExactDedup(), NearDedup(cfg.near_dedup_threshold) if cfg.near_dedup else None
     columns = metadata_columns(cfg)
-    types, assigner = MetadataTypes(columns), SplitAssigner(cfg.val_fraction, cfg.test_fraction)
+    types = MetadataTypes(columns)
+    assigner = SplitAssigner(cfg.val_fraction, cfg.test_fraction, cfg.group_field)
     writers = {s: SplitWriter(tmp / f"{s}.parquet", columns) for s in SPLITS}
     progress = Progress("ingest")
-    for doc in reader.documents(cfg.sources):
-        progress.add(len(doc.text))
-        text = cleaner(doc.text, doc.metadata)
-        if text is None:
-            continue
-        doc.text = text
-        if cfg.dedup and exact.seen(text):
-            counts["dropped_duplicate"] += 1
-            continue
-        if near is not None and near.seen(text):
-            counts["dropped_near_duplicate"] += 1
-            continue
-        types.check(doc)
-        for split, d in assigner.assign(doc):
-            writers[split].add(d)
+    with closing(cleaned_documents(cfg, counts, tmp)) as documents:
+        for doc in documents:
+            progress.add(len(doc.text))
+            if cfg.dedup and exact.seen(doc.text):
+                counts["dropped_duplicate"] += 1
+                continue
+            if near is not None and near.seen(doc.text):
+                counts["dropped_near_duplicate"] += 1
+                continue
+            types.check(doc)
+            for split, d in assigner.assign(doc):
+                writers[split].add(d)
     if assigner.buffer == []:
         raise InputError(f"the corpus is empty: sources {cfg.sources} yielded no non-empty documents")
     for split, d in assigner.finish():
         writers[split].add(d)
-    counts.update(reader.counts)
-    counts.update(cleaner.counts)
     for split, writer in writers.items():
         if writer.documents == 0:
             fix = (
@@ -236,9 +246,10 @@ def stream_splits(cfg: IngestConfig, tmp: Path, counts: Counter) -> dict[str, di
                 if split == "train"
                 else f"raise ingest.{split}_fraction"
             )
-            raise InputError(f"the {split} split is empty: no document's id hashed into it; {fix}")
+            hashed = "document's id" if cfg.group_field is None else f"{cfg.group_field!r} group"
+            raise InputError(f"the {split} split is empty: no {hashed} hashed into it; {fix}")
     log.info(
-        "ingest: read %d documents (%.1fM characters) in %.1fs",
+        "ingest: read and cleaned %d documents (%.1fM characters) in %.1fs",
         progress.documents,
         progress.chars / 1e6,
         time.perf_counter() - progress.start,
@@ -246,13 +257,18 @@ def stream_splits(cfg: IngestConfig, tmp: Path, counts: Counter) -> dict[str, di
     return {s: w.close() for s, w in writers.items()}
 
 
+def output_config(cfg: IngestConfig) -> dict[str, Any]:
+    """The settings that decide the output: all but `workers`, which changes only how fast it comes."""
+    return {name: value for name, value in asdict(cfg).items() if name != "workers"}
+
+
 def ingest(cfg: IngestConfig, out_dir: str | Path, tracking: Tracking | None = None) -> IngestResult:
     """Read, clean and split the corpus of `cfg` into `out_dir`; log counts and the manifest."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    key = fingerprint(
-        cfg.sources, asdict(cfg), [__name__, "gptcore.data.sources", "gptcore.data.filters", "gptcore.data.dedup"]
-    )
+    modules = ("reading", "spill", "files", "sources", "filters", "dedup")
+    code = [__name__] + [f"gptcore.data.{name}" for name in modules]
+    key = fingerprint(cfg.sources, output_config(cfg), code)
     if up_to_date(out_dir / INGEST_MANIFEST, key, [f"{s}.parquet" for s in SPLITS]):
         result = load_ingest(out_dir)
         log.info("ingest: sources, config and code unchanged since %s was written: nothing to do", out_dir)
@@ -274,7 +290,7 @@ def ingest(cfg: IngestConfig, out_dir: str | Path, tracking: Tracking | None = N
                 "splits": splits,
                 "digest": hashlib.sha256("".join(splits[s]["digest"] for s in SPLITS).encode()).hexdigest(),
                 "fingerprint": key,
-                "config": asdict(cfg),
+                "config": output_config(cfg),
             }
             write_json(tmp / INGEST_MANIFEST, manifest)
         result = load_ingest(out_dir)

