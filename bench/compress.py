@@ -1,14 +1,15 @@
 """Compression's Pareto table: the pretrained LM against its pruned, distilled and from-scratch students.
 
     python bench/compress.py [--workdir gptcore-work] [--steps N] [--fractions 0.75 0.5]
-                             [--device cpu] [--json rows.json]
+                             [--device cpu] [--rounds 5] [--out DIR] [--json rows.json]
 
 On a pipeline work directory (`gptcore pipeline --workdir DIR`, or its ingest, tokenizer and
 pretrain verbs), in one run: the compress stage (`gptcore.train.compress`) at each fraction, with
 the from-scratch students (`compress.scratch`), recovery for --steps (default: the preset's);
 then for the teacher and every student, through the pipeline's own evaluation and export:
 - parameters, ONNX size of the fp32 package graph and of its int8 variant;
-- ORT greedy decode tokens/s at batch 1 and 16 (PROMPT prompt tokens, NEW new tokens per row);
+- ORT greedy decode tokens/s at batch 1 and 16 (PROMPT prompt tokens, NEW new tokens per row,
+  the fp32 package; the median of --rounds, every model timed once a round, in turns);
 - test bits/byte, and the student's over the teacher's with its paired 95% interval (the same
   test documents, resampled together: `gptcore.metrics.paired_bpb_bootstrap`);
 - for each distilled student, its paired interval against the same-shape student from scratch
@@ -27,59 +28,84 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from inference import timed  # bench/inference.py: best of N after a warm-up
 from machine import write_json  # bench/machine.py: the machine beside the figures
 
 from gptcore.eval.lm import evaluate_lm
 from gptcore.export.lm import export_lm_onnx
 from gptcore.export.variants import VARIANT_FILES
-from gptcore.layout import DOC_BPB_FILE, Workdir
+from gptcore.layout import DOC_BPB_FILE, RESULT_FILE, Workdir
 from gptcore.logs import console_logging
 from gptcore.metrics import paired_bpb_bootstrap
 from gptcore.presets import load_config
-from gptcore.results import load_pretrained, load_tokenized, read_doc_scores, read_tokens
+from gptcore.results import (
+    CompressResult,
+    load_compressed,
+    load_pretrained,
+    load_tokenized,
+    read_doc_scores,
+    read_tokens,
+)
 from gptcore.runtime import load_model
 from gptcore.train.compress import compress
 
-PROMPT, NEW, BATCHES = 64, 64, (1, 16)
+# Decoding mostly (16 prompt tokens, 112 new: the default context of 128 whole), so the figure is
+# the per-token cost the student cuts, not the prefill's.
+PROMPT, NEW, BATCHES = 16, 112, (1, 16)
 MODEL_NAMES = {"prune+distill": "pruned_distilled", "prune": "pruned", "scratch": "scratch"}
 
 
-def decode_tokens_per_s(package: Path, prompts: np.ndarray, device: str, repeats: int) -> dict[int, float]:
-    lm = load_model(package, device=device, variant="fp32")
-    speeds = {}
+def decode_tokens_per_s(packages: dict[str, Path], prompts: np.ndarray, device: str, rounds: int) -> dict:
+    """name -> {batch: greedy decode tokens/s}: the median of `rounds` rounds, each timing every
+    package once in turn after a warm-up, so the machine's drift during the run falls on all alike."""
+    lms = {name: load_model(package, device=device, variant="fp32") for name, package in packages.items()}
+    speeds: dict[str, dict[int, float]] = {name: {} for name in lms}
     for batch in BATCHES:
         rows = prompts[:batch].tolist()
-
-        def run(warmup: bool, rows=rows):
-            return lm.generate_batch_ids(rows, 4 if warmup else NEW, temperature=0.0, stop_at_eos=False)
-
-        seconds, _ = timed(run, repeats)
-        speeds[batch] = batch * NEW / seconds
+        seconds: dict[str, list[float]] = {name: [] for name in lms}
+        for lm in lms.values():
+            lm.generate_batch_ids(rows, 4, temperature=0.0, stop_at_eos=False)
+        for _ in range(rounds):
+            for name, lm in lms.items():
+                start = time.perf_counter()
+                lm.generate_batch_ids(rows, NEW, temperature=0.0, stop_at_eos=False)
+                seconds[name].append(time.perf_counter() - start)
+        for name in lms:
+            speeds[name][batch] = batch * NEW / float(np.median(seconds[name]))
     return speeds
 
 
-def measure(name: str, model_dir: Path, w: Workdir, out: Path, cfg, device: str, repeats: int) -> dict:
-    """Evaluate and export one model as the pipeline does; its size, speed and per-document scores."""
+def measure(name: str, model_dir: Path, w: Workdir, out: Path, cfg) -> dict:
+    """Evaluate and export one model as the pipeline does: its size and its per-document scores."""
     start = time.perf_counter()
     evaluation = evaluate_lm(cfg.evaluate, model_dir, w.tokenizer, out / "eval" / name, data_dir=w.data)
     export_cfg = dataclasses.replace(cfg.export, variants=["int8"])
-    package = export_lm_onnx(export_cfg, model_dir, w.tokenizer, out / "export" / name)
-    pkg = Path(package.package_dir)
-    val = np.asarray(read_tokens(load_tokenized(w.tokenizer), "val"))
-    prompts = val[: 16 * PROMPT].reshape(16, PROMPT)
-    speeds = decode_tokens_per_s(pkg, prompts, device, repeats)
+    pkg = Path(export_lm_onnx(export_cfg, model_dir, w.tokenizer, out / "export" / name).package_dir)
     int8 = pkg / VARIANT_FILES["int8"]
-    print(f"{name}: measured in {time.perf_counter() - start:.0f}s", flush=True)
+    print(f"{name}: evaluated and exported in {time.perf_counter() - start:.0f}s", flush=True)
     return {
         "num_params": load_pretrained(model_dir).num_params,
         "onnx_bytes_fp32": (pkg / VARIANT_FILES["fp32"]).stat().st_size,
         "onnx_bytes_int8": int8.stat().st_size if int8.exists() else None,
-        "decode_tokens_per_s_batch1": speeds[1],
-        "decode_tokens_per_s_batch16": speeds[16],
         "test_bpb": evaluation.test["bpb"],
         "doc_scores": read_doc_scores(out / "eval" / name / DOC_BPB_FILE),
+        "package": pkg,
     }
+
+
+def students(compress_cfg, w: Workdir, out: Path) -> CompressResult:
+    """The compress stage's students: those already in --out when made with these settings, else made now."""
+    done = out / "compress" / RESULT_FILE
+    if done.exists():
+        result = load_compressed(out / "compress")
+        made = {(s.target_fraction, s.steps) for s in result.students if s.recipe != "prune"}
+        wanted = {(f, compress_cfg.max_steps) for f in compress_cfg.fractions}
+        if made == wanted and len(result.students) == 3 * len(wanted):
+            print(f"compress: the students in {out / 'compress'} are reused", flush=True)
+            return result
+    start = time.perf_counter()
+    result = compress(compress_cfg, w.pretrain, w.tokenizer, out / "compress")
+    print(f"compress: {len(result.students)} students in {time.perf_counter() - start:.0f}s", flush=True)
+    return result
 
 
 def table(args, out: Path) -> list[dict]:
@@ -92,14 +118,18 @@ def table(args, out: Path) -> list[dict]:
         device=args.device,
         max_steps=args.steps or cfg.compress.max_steps,
     )
-    start = time.perf_counter()
-    result = compress(compress_cfg, w.pretrain, w.tokenizer, out / "compress")
-    print(f"compress: {len(result.students)} students in {time.perf_counter() - start:.0f}s", flush=True)
-    teacher = measure("teacher", w.pretrain, w, out, cfg, args.device, args.repeats)
+    result = students(compress_cfg, w, out)
+    teacher = measure("teacher", w.pretrain, w, out, cfg)
     rows = [{"model": "teacher", "student": None, "param_fraction": 1.0, **teacher}]
     for s in result.students:
-        figures = measure(s.name, Path(s.out_dir), w, out, cfg, args.device, args.repeats)
+        figures = measure(s.name, Path(s.out_dir), w, out, cfg)
         rows.append({"model": MODEL_NAMES[s.recipe], "student": s.name, "param_fraction": s.param_fraction, **figures})
+    val = np.asarray(read_tokens(load_tokenized(w.tokenizer), "val"))
+    packages = {r["student"] or "teacher": r.pop("package") for r in rows}
+    speeds = decode_tokens_per_s(packages, val[: 16 * PROMPT].reshape(16, PROMPT), args.device, args.rounds)
+    for r in rows:
+        for batch in BATCHES:
+            r[f"decode_tokens_per_s_batch{batch}"] = speeds[r["student"] or "teacher"][batch]
     t = teacher["doc_scores"]
     for r in rows:
         d = r["doc_scores"]
@@ -109,7 +139,10 @@ def table(args, out: Path) -> list[dict]:
             paired["ratio"]["value"],
             paired["ratio"]["ci"],
         )
-        r["decode_speedup_batch1"] = r["decode_tokens_per_s_batch1"] / teacher["decode_tokens_per_s_batch1"]
+        for batch in BATCHES:
+            r[f"decode_speedup_batch{batch}"] = (
+                r[f"decode_tokens_per_s_batch{batch}"] / rows[0][f"decode_tokens_per_s_batch{batch}"]
+            )
         r["recovery_steps"] = 0 if r["model"] in ("teacher", "pruned") else compress_cfg.max_steps
     by_student = {r["student"]: r for r in rows}
     for r in rows:
@@ -151,8 +184,12 @@ def main() -> None:
     p.add_argument("--fractions", type=float, nargs="+", default=[0.75, 0.5], help="students' parameter shares")
     p.add_argument("--steps", type=int, help="recovery (and from-scratch) steps (default: the preset's compress)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--repeats", type=int, default=2, help="timed decodes per measurement; the best counts")
-    p.add_argument("--out", type=Path, help="keep the students, evaluations and packages here (default: a temp dir)")
+    p.add_argument("--rounds", type=int, default=5, help="timed decodes of each model, in turns; the median counts")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="keep the students, evaluations and packages here, and reuse its students (default: a temp dir)",
+    )
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
     console_logging()  # each stage's progress: recovery steps with their rate and ETA

@@ -34,7 +34,7 @@ def test_tiny_pipeline_end_to_end(prefect_server, tmp_path, monkeypatch):
         assert len(champion.tags["gptcore.data_digest"]) == 64
     student = client.get_model_version_by_alias("gptcore-lm", "p50-distilled")  # judged after the teacher
     assert str(student.version) == "2" and student.tags["gptcore.compression.recipe"] == "prune+distill"
-    assert "gptcore-lm v2" in prefect_artifacts(state.state_details.flow_run_id)["gptcore-promotion"]
+    assert "| gptcore-lm | v2 |" in prefect_artifacts(state.state_details.flow_run_id)["gptcore-promotion"]
 
     assert h["lm_parity_max_abs_logit_diff"] < 1e-3
     assert h["lm_parity_greedy_tokens_equal"] == 32

@@ -18,6 +18,7 @@ VERBS = [
     "pretrain",
     "finetune",
     "sft",
+    "compress",
     "chat",
     "evaluate",
     "export",
