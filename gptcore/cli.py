@@ -160,7 +160,9 @@ def cmd_export(args, cfg: PipelineConfig) -> None:
         from gptcore.export.hf import export_hf_stage
 
         if args.only == "classifier" or args.student:
-            raise ConfigError("export --format hf: writes the LM and chat model only; the others export to onnx")
+            raise ConfigError(
+                "export --format hf: writes the LM and chat model only; the classifier exports to onnx, as do students"
+            )
         hf_dirs = (w.export("hf-lm"), w.export("hf-chat"))
         return _print(export_hf_stage(w.pretrain, w.tokenizer, w.sft, *hf_dirs, chat=args.only != "lm"))
     from gptcore.export.chat import export_chat_onnx
