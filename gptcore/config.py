@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from gptcore.errors import check, check_non_negative, check_one_of, check_positive, check_within
+from gptcore.errors import check, check_address, check_non_negative, check_one_of, check_positive, check_within
 
 
 @dataclass
@@ -74,6 +74,11 @@ class IngestConfig:
     Shakespeare and a hub dataset are one task each. 0: one per CPU core, 1: in this process.
     Dedup, the split and the writing stay in one process, in input order: the outputs are the
     same bytes whatever the count."""
+    cluster: str | None = None
+    """A Dask scheduler's address (`tcp://host:8786`): read and clean on its workers instead of
+    this machine's (`workers` then unused). The workers need gptcore and the same paths to the
+    sources and work directory (a shared filesystem); the outputs are the same bytes. Unset: this
+    machine. Point it only at a scheduler you run: Dask sends code to its workers."""
 
     def __post_init__(self) -> None:
         check(len(self.sources) > 0, "sources", "needs at least one source")
@@ -82,6 +87,7 @@ class IngestConfig:
         check_within(self, "near_dedup_threshold", 0, 1, low_open=True)
         check_positive(self, "min_document_bytes", "max_document_bytes", "max_row_group_bytes")
         check_non_negative(self, "workers")
+        check_address(self, "cluster")
         check(
             self.min_document_bytes <= self.max_document_bytes,
             "min_document_bytes",
@@ -111,12 +117,15 @@ class TokenizerConfig:
     """Tokens per shard file (the last shard of a split holds the rest)."""
     workers: int = 0
     """Processes that encode in parallel; 0: one per CPU core."""
+    cluster: str | None = None
+    """A Dask scheduler's address: encode on its workers instead of this machine's (as `ingest.cluster`)."""
 
     def __post_init__(self) -> None:
         # 256 byte tokens + the special tokens must fit.
         check(self.vocab_size >= 260, "vocab_size", f"must be >= 260, got {self.vocab_size}")
         check_positive(self, "min_frequency", "sample_bytes", "shard_tokens")
         check_non_negative(self, "workers")
+        check_address(self, "cluster")
 
 
 @dataclass

@@ -59,6 +59,19 @@ def check_within(obj: Any, name: str, low: float, high: float, low_open: bool = 
     check(ok, name, f"must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}, got {value!r}")
 
 
+_ADDRESS = re.compile(r"(?:(?:tcp|tls)://)?[A-Za-z0-9.\[\]:_-]+:\d{1,5}")
+
+
+def check_address(obj: Any, name: str) -> None:
+    """Unset, or a network address `[tcp://|tls://]host:port` (a Dask scheduler's)."""
+    value = getattr(obj, name)
+    check(
+        value is None or bool(_ADDRESS.fullmatch(str(value))),
+        name,
+        f"must be a scheduler address like tcp://host:8786, got {value!r}",
+    )
+
+
 REDACTED = "***"
 _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]+")
 _SECRET_PARAM = re.compile(r"([?&;][^=&#\s]*(?:token|secret|pass|pwd|key|sig|credential|auth)[^=&#\s]*=)[^&#\s]*", re.I)

@@ -53,6 +53,14 @@ def source_units(sources: list[str]) -> list[SourceUnit]:
     return units
 
 
+def unit_bytes(unit: SourceUnit) -> int | None:
+    """The bytes of source a unit reads (a row group: its share of the file); None where unknown (a hub dataset)."""
+    if unit.path is None:
+        return None
+    size = unit.path.stat().st_size
+    return size if unit.row_group is None else size // open_parquet(unit.path).num_row_groups
+
+
 def open_parquet(path: Path):
     import pyarrow.parquet as pq
 

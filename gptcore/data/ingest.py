@@ -26,7 +26,8 @@ from typing import Any
 
 from gptcore.config import IngestConfig
 from gptcore.data.dedup import ExactDedup, NearDedup
-from gptcore.data.lineage import fingerprint, source_digests, up_to_date
+from gptcore.data.files import SourceUnit, source_units, unit_bytes
+from gptcore.data.lineage import fingerprint, output_config, source_digests, up_to_date
 from gptcore.data.reading import cleaned_documents, record_fields
 from gptcore.data.sources import SHAKESPEARE_FIELDS, Document
 from gptcore.errors import InputError
@@ -195,10 +196,17 @@ def metadata_columns(cfg: IngestConfig) -> list[str]:
 
 
 class Progress:
-    """A log line every few seconds: documents kept by cleaning, their characters, the rate."""
+    """A log line every few seconds, wherever the tasks run: documents kept by cleaning, their
+    characters, the sources' bytes done (a unit counts once all its documents are out), the rate
+    and the ETA. The log reaches the Prefect run; the totals, MLflow."""
 
-    def __init__(self, name: str):
-        self.name, self.start, self.last, self.documents, self.chars = name, time.perf_counter(), 0.0, 0, 0
+    def __init__(self, units: list[SourceUnit]):
+        self.start, self.last = time.perf_counter(), 0.0
+        self.documents = self.chars = self.units_done = self.bytes_done = 0
+        self.waited_s = 0.0  # this process idle, its next unit's task not done: the workers are the bottleneck
+        self.units = len(units)
+        sizes = [unit_bytes(u) for u in units]
+        self.total_bytes = None if None in sizes else sum(sizes)
 
     def add(self, n_chars: int) -> None:
         self.documents += 1
@@ -206,30 +214,43 @@ class Progress:
         now = time.perf_counter()
         if now - self.last >= _PROGRESS_EVERY_S:
             self.last = now
-            log.info(
-                "%s: %d documents, %.1fM characters read and cleaned, %.1fM characters/s",
-                self.name,
-                self.documents,
-                self.chars / 1e6,
-                self.chars / 1e6 / max(now - self.start, 1e-9),
+            self.log(now)
+
+    def unit_done(self, unit: SourceUnit, waited_s: float) -> None:
+        self.units_done += 1
+        self.bytes_done += unit_bytes(unit) or 0
+        self.waited_s += waited_s
+
+    def log(self, now: float) -> None:
+        elapsed = max(now - self.start, 1e-9)
+        line = (
+            f"ingest: {self.documents} documents, {self.chars / 1e6:.1f}M characters read and cleaned "
+            f"({self.chars / 1e6 / elapsed:.1f}M/s); {self.units_done}/{self.units} source units"
+        )
+        if self.total_bytes:
+            rate = self.bytes_done / elapsed
+            eta = f"{(self.total_bytes - self.bytes_done) / rate:.0f}s" if rate else "?"
+            line += (
+                f", {self.bytes_done / 1e6:.0f}/{self.total_bytes / 1e6:.0f} MB of sources, "
+                f"{rate / 1e6:.1f} MB/s, ETA {eta}"
             )
+        log.info("%s", line)
 
 
-def stream_splits(cfg: IngestConfig, tmp: Path, counts: Counter) -> dict[str, dict[str, Any]]:
+def stream_splits(cfg: IngestConfig, tmp: Path, counts: Counter, progress: Progress) -> dict[str, dict[str, Any]]:
     """Read, clean, dedup and split every document into tmp/{split}.parquet; return per-split stats."""
     exact, near = ExactDedup(), NearDedup(cfg.near_dedup_threshold) if cfg.near_dedup else None
     columns = metadata_columns(cfg)
     types = MetadataTypes(columns)
     assigner = SplitAssigner(cfg.val_fraction, cfg.test_fraction, cfg.group_field)
     writers = {s: SplitWriter(tmp / f"{s}.parquet", columns) for s in SPLITS}
-    progress = Progress("ingest")
-    with closing(cleaned_documents(cfg, counts, tmp)) as documents:
+    with closing(cleaned_documents(cfg, counts, tmp, progress.unit_done)) as documents:
         for doc in documents:
             progress.add(len(doc.text))
             if cfg.dedup and exact.seen(doc.text):
                 counts["dropped_duplicate"] += 1
                 continue
-            if near is not None and near.seen(doc.text):
+            if near is not None and near.seen(doc.minhash):
                 counts["dropped_near_duplicate"] += 1
                 continue
             types.check(doc)
@@ -249,24 +270,21 @@ def stream_splits(cfg: IngestConfig, tmp: Path, counts: Counter) -> dict[str, di
             hashed = "document's id" if cfg.group_field is None else f"{cfg.group_field!r} group"
             raise InputError(f"the {split} split is empty: no {hashed} hashed into it; {fix}")
     log.info(
-        "ingest: read and cleaned %d documents (%.1fM characters) in %.1fs",
+        "ingest: read and cleaned %d documents (%.1fM characters) in %.1fs, %.1fs of it waiting for the "
+        "workers (the rest: dedup, split and writing, in this process)",
         progress.documents,
         progress.chars / 1e6,
         time.perf_counter() - progress.start,
+        progress.waited_s,
     )
     return {s: w.close() for s, w in writers.items()}
-
-
-def output_config(cfg: IngestConfig) -> dict[str, Any]:
-    """The settings that decide the output: all but `workers`, which changes only how fast it comes."""
-    return {name: value for name, value in asdict(cfg).items() if name != "workers"}
 
 
 def ingest(cfg: IngestConfig, out_dir: str | Path, tracking: Tracking | None = None) -> IngestResult:
     """Read, clean and split the corpus of `cfg` into `out_dir`; log counts and the manifest."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    modules = ("reading", "spill", "files", "sources", "filters", "dedup")
+    modules = ("reading", "executor", "spill", "files", "sources", "filters", "dedup")
     code = [__name__] + [f"gptcore.data.{name}" for name in modules]
     key = fingerprint(cfg.sources, output_config(cfg), code)
     if up_to_date(out_dir / INGEST_MANIFEST, key, [f"{s}.parquet" for s in SPLITS]):
@@ -279,7 +297,8 @@ def ingest(cfg: IngestConfig, out_dir: str | Path, tracking: Tracking | None = N
         run.log_params(asdict(cfg))
         counts: Counter[str] = Counter()
         with atomic_dir(out_dir) as tmp:
-            splits = stream_splits(cfg, tmp, counts)
+            progress = Progress(source_units(cfg.sources))
+            splits = stream_splits(cfg, tmp, counts, progress)
             manifest = {
                 "sources": source_digests(cfg.sources),
                 "columns": ["id", "text", "source", *metadata_columns(cfg)],
@@ -299,6 +318,8 @@ def ingest(cfg: IngestConfig, out_dir: str | Path, tracking: Tracking | None = N
             {f"documents/{s}": n for s, n in result.documents.items()}
             | {f"bytes/{s}": n for s, n in result.bytes.items()}
             | {f"ingest/{k}": n for k, n in counts.items()}
+            | {"ingest/seconds": time.perf_counter() - start, "ingest/waited_for_workers_s": progress.waited_s}
+            | {"ingest/mb_per_s": sum(result.bytes.values()) / 1e6 / (time.perf_counter() - start)}
         )
         run.log_dataset(result.manifest_path, result.digest)
     log.info(

@@ -12,12 +12,19 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from gptcore.data.files import expand_paths, source_kind, stable_name
 from gptcore.data.sources import shakespeare_root
 from gptcore.fsutil import read_json, sha256_file
+
+
+def output_config(cfg: Any) -> dict[str, Any]:
+    """The settings of a data stage's config that decide its output: all but where its tasks run
+    (`workers`, `cluster`), which changes only how fast the output comes."""
+    return {name: value for name, value in asdict(cfg).items() if name not in ("workers", "cluster")}
 
 
 def _source_files(spec: str) -> list[tuple[str, Path]]:

@@ -4,35 +4,40 @@
     OUT/{split}_00000.bin, {split}_00001.bin, ...   token ids, documents each followed by
                                                    <|endoftext|>, uint16 when the vocabulary fits
 
-Encoding runs in worker processes, one Parquet row group a task: each worker holds the
-tokenizer once, encodes single-threaded, and returns the ids as one numpy array, so every core
-encodes and the parent only writes. Results come back in order, so shards are deterministic.
+Encoding runs in worker processes (of this machine or a Dask cluster: `gptcore.data.executor`),
+one Parquet row group a task: each worker loads the tokenizer once, encodes single-threaded,
+and returns the ids as one numpy array, so every core encodes and the parent only writes.
+Results come back in order, so shards are deterministic.
 This module imports no torch: workers start fast.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import multiprocessing
+import logging
 import os
-from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from gptcore.data.executor import describe, ordered_results
 from gptcore.results import token_byte_lengths
 
-_worker: dict[str, Any] = {}
+log = logging.getLogger("gptcore.tokenizer")
 
 
-def _init_worker(tokenizer_path: str, eot_id: int, dtype: str) -> None:
+@functools.lru_cache(maxsize=2)
+def _worker_tokenizer(path: str):
+    """The tokenizer, loaded once a worker process, with what encoding needs beside it."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread a process: the processes fill the cores
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(tokenizer_path)
+    tok = Tokenizer.from_file(path)
     tok.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is text, not a boundary
-    _worker.update(tok=tok, eot=eot_id, dtype=np.dtype(dtype), lengths=token_byte_lengths(tok))
+    return tok, token_byte_lengths(tok)
 
 
 def encode_texts(tok, texts: list[str], eot_id: int, dtype: np.dtype, batch: int = 256) -> np.ndarray:
@@ -55,14 +60,15 @@ def encode_texts(tok, texts: list[str], eot_id: int, dtype: np.dtype, batch: int
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
-def _encode_row_group(task: tuple[str, int]) -> tuple[np.ndarray, int, int]:
+def _encode_row_group(task: tuple[str, int, str, str, int]) -> tuple[np.ndarray, int, int]:
     """(ids, bytes, documents) of one row group of a split's Parquet file."""
     import pyarrow.parquet as pq
 
-    path, group = task
+    tokenizer_path, eot_id, dtype, path, group = task
+    tok, lengths = _worker_tokenizer(tokenizer_path)
     texts = pq.ParquetFile(path).read_row_group(group, columns=["text"]).column("text").to_pylist()
-    ids = encode_texts(_worker["tok"], texts, _worker["eot"], _worker["dtype"])
-    return ids, int(_worker["lengths"][ids].sum()), len(texts)
+    ids = encode_texts(tok, texts, eot_id, np.dtype(dtype))
+    return ids, int(lengths[ids].sum()), len(texts)
 
 
 class ShardWriter:
@@ -108,30 +114,28 @@ def encode_splits(
     shard_tokens: int,
     workers: int,
     progress,
+    cluster: str | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Encode each split's Parquet file into shards in `out_dir`; per split: tokens, bytes, documents, shards."""
+    """Encode each split's Parquet file into shards in `out_dir`; per split: tokens, bytes, documents, shards.
+
+    A row group a task, on `workers` processes of this machine or the Dask cluster at `cluster`
+    (`gptcore.data.executor`), the results written in order."""
     import pyarrow.parquet as pq
 
     tasks = [
-        (split, (str(path), g)) for split, path in parquet.items() for g in range(pq.ParquetFile(path).num_row_groups)
+        (split, (str(tokenizer_path), eot_id, dtype.name, str(path), g))
+        for split, path in parquet.items()
+        for g in range(pq.ParquetFile(path).num_row_groups)
     ]
+    log.info("tokenizer: encoding %s", describe(workers, cluster, len(tasks)))
     writers = {split: ShardWriter(out_dir, split, shard_tokens, dtype) for split in parquet}
     stats = {split: {"tokens": 0, "bytes": 0, "documents": 0} for split in parquet}
-    for (split, _), (ids, n_bytes, n_docs) in zip(tasks, _run(tasks, tokenizer_path, eot_id, dtype, workers)):
-        writers[split].write(ids)
-        stats[split]["tokens"] += int(ids.size)
-        stats[split]["bytes"] += n_bytes
-        stats[split]["documents"] += n_docs
-        progress(n_bytes)
+    results = ordered_results(_encode_row_group, [t for _, t in tasks], workers, cluster)
+    with closing(results):
+        for (split, _), (ids, n_bytes, n_docs) in zip(tasks, results):
+            writers[split].write(ids)
+            stats[split]["tokens"] += int(ids.size)
+            stats[split]["bytes"] += n_bytes
+            stats[split]["documents"] += n_docs
+            progress(n_bytes)
     return {split: {**stats[split], "shards": writers[split].close()} for split in parquet}
-
-
-def _run(tasks: list, tokenizer_path: Path, eot_id: int, dtype: np.dtype, workers: int) -> Iterator[tuple]:
-    init = (str(tokenizer_path), eot_id, dtype.name)
-    if workers <= 1:  # in process: no start-up cost for small corpora
-        _init_worker(*init)
-        yield from map(_encode_row_group, (t for _, t in tasks))
-        return
-    # spawn, not fork: the parent may hold threads (MLflow, Prefect) and a tokenizer that used its own.
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=init) as pool:
-        yield from pool.imap(_encode_row_group, [t for _, t in tasks])

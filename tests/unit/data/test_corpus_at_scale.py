@@ -17,7 +17,7 @@ import pytest
 
 from gptcore.config import IngestConfig, TokenizerConfig
 from gptcore.data import dedup
-from gptcore.data.dedup import ExactDedup, NearDedup
+from gptcore.data.dedup import ExactDedup, NearDedup, minhash
 from gptcore.data.ingest import ingest
 from gptcore.data.tokenizer import train_tokenizer
 from gptcore.errors import InputError
@@ -122,9 +122,9 @@ def test_exact_dedup_index_merges_without_forgetting(monkeypatch):
 
 def test_near_dedup_tells_unrelated_documents_apart():
     near = NearDedup(threshold=0.8)
-    assert not near.seen("the quick brown fox jumps over the lazy dog " * 5)
-    assert not near.seen("an entirely different sentence about ships and the sea " * 5)
-    assert near.seen("the quick brown fox jumps over the lazy dog " * 5)
+    assert not near.seen(minhash("the quick brown fox jumps over the lazy dog " * 5))
+    assert not near.seen(minhash("an entirely different sentence about ships and the sea " * 5))
+    assert near.seen(minhash("the quick brown fox jumps over the lazy dog " * 5))
 
 
 # --- read policies ------------------------------------------------------------------------------

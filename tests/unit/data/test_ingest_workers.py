@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from gptcore.config import IngestConfig
+from gptcore.data import executor
 from gptcore.data import ingest as ingest_module
-from gptcore.data import reading
 from gptcore.data.files import source_units
 from gptcore.data.ingest import ingest
 from gptcore.data.sources import Reader
@@ -54,10 +54,10 @@ def pool_tasks(monkeypatch) -> list:
 
     class CountingPool(ProcessPoolExecutor):
         def submit(self, fn, /, *args, **kwargs):
-            tasks.append(args[1])
+            tasks.append(args[0][1])  # (config, unit, spill file)
             return super().submit(fn, *args, **kwargs)
 
-    monkeypatch.setattr(reading, "ProcessPoolExecutor", CountingPool)
+    monkeypatch.setattr(executor, "ProcessPoolExecutor", CountingPool)
     return tasks
 
 
