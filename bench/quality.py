@@ -2,10 +2,12 @@
 
     python bench/quality.py --preset tiny --budget 30 [--json out.json]
 
-Both train on the same token shards (Shakespeare, the preset's tokenizer) on this machine for
-the same wall-clock budget (`pretrain.time_budget_s`: each run measures its step time over its
-first steps and takes as many steps as fit, so its learning-rate schedule completes inside it). Prints the val bits
-per byte each reaches and their ratio (recipe / baseline; below 1 is better).
+The recipe is `gptcore.presets.recommended` (what the default preset trains); the baseline is
+the preset's GPT-2 recipe (`default-gpt2` for `default`). Both train on the same token shards
+(Shakespeare, the preset's tokenizer) on this machine for the same wall-clock budget
+(`pretrain.time_budget_s`: each run fits its steps to the budget from its step time, again at
+every log step, so its learning-rate schedule completes inside it). Prints the val bits per
+byte each reaches and their ratio (recipe / baseline; below 1 is better).
 """
 
 from __future__ import annotations
@@ -26,14 +28,8 @@ from gptcore.config import EvalConfig, ModelConfig, TrainConfig
 from gptcore.data.ingest import ingest
 from gptcore.data.tokenizer import train_tokenizer
 from gptcore.eval.lm import evaluate_lm
-from gptcore.presets import PRESETS
+from gptcore.presets import PRESETS, RECOMMENDED_LR_SCALE, RECOMMENDED_MODEL, check_gpt2, recommended
 from gptcore.train.pretrain import pretrain
-
-# What gptcore recommends for small models: rotary positions, RMSNorm, QK-norm, squared ReLU,
-# an untied head, the higher learning rate QK-norm makes stable, and Muon for the block
-# matrices (--recipe-optimizer).
-RECIPE = {"position": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "relu2", "tie_embeddings": False}
-RECIPE_LR_SCALE = 2.0
 
 
 def train_for(budget_s: float, model: ModelConfig, train: TrainConfig, tokens: Path, out: Path) -> tuple[int, float]:
@@ -63,22 +59,17 @@ def main() -> None:
     )
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    cfg = PRESETS[args.preset]()
+    # the baseline is the preset's GPT-2 recipe: `default` trains the recommended one itself
+    cfg = PRESETS.get(f"{args.preset}-gpt2", PRESETS[args.preset])()
+    check_gpt2(cfg)
     root = args.workdir or Path(tempfile.mkdtemp(prefix="gptcore-quality-"))
     if not (root / "tokenizer" / "tokens.json").is_file():
         ingest(cfg.ingest, root / "data")
         train_tokenizer(cfg.tokenizer, root / "data", root / "tokenizer")
+    best = recommended(cfg)
     recipes = {
         "baseline": (cfg.model, cfg.pretrain),
-        "recipe": (
-            dataclasses.replace(cfg.model, **RECIPE),
-            dataclasses.replace(
-                cfg.pretrain,
-                lr=cfg.pretrain.lr * RECIPE_LR_SCALE,
-                min_lr=cfg.pretrain.min_lr * RECIPE_LR_SCALE,
-                optimizer=args.recipe_optimizer,
-            ),
-        ),
+        "recipe": (best.model, dataclasses.replace(best.pretrain, optimizer=args.recipe_optimizer)),
     }
     figures = {}
     for name, (model, train) in recipes.items():
@@ -99,8 +90,8 @@ def main() -> None:
         "baseline_bpb": figures["baseline"]["val_bpb"],
         "recipe_bpb": figures["recipe"]["val_bpb"],
         "ratio": figures["recipe"]["val_bpb"] / figures["baseline"]["val_bpb"],
-        "recipe": RECIPE,
-        "recipe_lr_scale": RECIPE_LR_SCALE,
+        "recipe": RECOMMENDED_MODEL,
+        "recipe_lr_scale": RECOMMENDED_LR_SCALE,
         "recipe_optimizer": args.recipe_optimizer,
         "runs": figures,
     }

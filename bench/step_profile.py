@@ -8,7 +8,7 @@ In one process, on one shape, each timed as the mean of `--steps` runs after a w
 - each part the recipe swaps, alone, forward + backward at the shape it runs at, times the number
   of times a step runs it: RMSNorm against LayerNorm, rotary on q and k, QK-norm, squared ReLU
   against GELU; and the optimizer step of the block matrices, Muon against AdamW.
-The recipe is `bench/quality.py`'s (rotary, RMSNorm, QK-norm, squared ReLU, untied head, Muon).
+The recipe is `gptcore.presets.RECOMMENDED_MODEL` (rotary, RMSNorm, QK-norm, squared ReLU, untied head, Muon).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import write_json  # bench/machine.py: the machine beside the figures
-from quality import RECIPE
 
 from gptcore.config import ModelConfig, TrainConfig
 from gptcore.model import GPT, apply_rope, rope_angles
+from gptcore.presets import RECOMMENDED_MODEL
 from gptcore.train.optim import configure_optimizers
 
 
@@ -126,7 +126,7 @@ def main() -> None:
     )
     recipes = {
         "gpt2": (base, TrainConfig()),
-        "recipe": (dataclasses.replace(base, **RECIPE), TrainConfig(optimizer="muon")),
+        "recipe": (dataclasses.replace(base, **RECOMMENDED_MODEL), TrainConfig(optimizer="muon")),
     }
     shape = f"{args.layers}x{args.width}, {args.heads} heads, context {args.context}, batch {args.batch}"
     print(f"{shape}, vocabulary {args.vocab}, {device}, {torch.get_num_threads()} threads")

@@ -160,12 +160,12 @@ class ModelConfig:
         check_one_of(self, "position", ("learned", "rope"))
         check_one_of(self, "norm", ("layernorm", "rmsnorm"))
         check_one_of(self, "mlp", ("gelu", "relu2", "swiglu"))
+        check(self.n_embd % self.n_head == 0, "n_embd", f"{self.n_embd} is not divisible by n_head={self.n_head}")
         check(
             self.position != "rope" or (self.n_embd // self.n_head) % 2 == 0,
             "position",
             "rope needs an even head size (n_embd / n_head)",
         )
-        check(self.n_embd % self.n_head == 0, "n_embd", f"{self.n_embd} is not divisible by n_head={self.n_head}")
         check_within(self, "dropout", 0, 1, high_open=True)
         check_positive(self, "vocab_size", unset_ok=True)
 

@@ -144,7 +144,8 @@ def export_hf(model_dir: str | Path, tokenizer_json: str | Path, out_dir: str | 
     if unmapped:
         raise ConfigError(
             f"{model_dir}: GPT2LMHeadModel cannot express {', '.join(unmapped)}; "
-            "export --format hf takes the GPT-2 recipe (learned positions, LayerNorm, GELU, no QK-norm)"
+            "export --format hf takes the GPT-2 recipe (learned positions, LayerNorm, GELU, no QK-norm): "
+            "train it with --preset default-gpt2, or those model fields in a config"
         )
     tok = load_tokenizer(tokenizer_json)
     if tok.get_vocab_size() != gpt.cfg.vocab_size:

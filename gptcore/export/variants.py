@@ -9,12 +9,15 @@ targets the same ONNX Runtime contrib ops), and they also fuse attention:
     scaled_dot_product_attention -> com.microsoft.MultiHeadAttention
     residual Add + LayerNormalization -> com.microsoft.SkipLayerNormalization
     tanh-approximated GELU -> com.microsoft.FastGelu
+    RMSNorm (with the residual Add before it) -> (Skip)SimplifiedLayerNormalization
 
 Fusion only happens where a subgraph matches a rule exactly, so a model change can lose it
-without any error: `fused_op_counts` reads the counts back, and a test pins them. The fusion
-hands MultiHeadAttention its keys and values as (B, S, C), so for a cache written in place it
-transposes the whole (B, H, W, D) buffer every step; `attend_over_cache` gives MultiHeadAttention
-the buffer itself instead (its 4-D BNSH form), and a decode step then copies nothing.
+without any error: `fused_op_counts` reads the counts back, and tests pin them (the RMSNorm rule
+matches only a mean over axis -1, which the exporter writes as a positive axis: `name_last_axis`
+writes it back first). The fusion hands MultiHeadAttention its keys and values as (B, S, C), so
+for a cache written in place it transposes the whole (B, H, W, D) buffer every step;
+`attend_over_cache` gives MultiHeadAttention the buffer itself instead (its 4-D BNSH form), and
+a decode step then copies nothing.
 
 Variants, each a file of its own in the package:
     fp32  model.onnx       the optimised graph; must match PyTorch (the export's parity gate)
@@ -39,7 +42,11 @@ VARIANT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model
 # what a fused graph should hold, by the kind of subgraph the fusion replaced
 FUSED_OPS = {
     "attention": ("MultiHeadAttention", "Attention", "GroupQueryAttention"),
-    "layernorm": ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization"),
+    "layernorm": (
+        "SkipLayerNormalization",
+        "SkipSimplifiedLayerNormalization",
+        "SimplifiedLayerNormalization",  # RMSNorm's, where no residual Add precedes it
+    ),
     "gelu": ("FastGelu", "Gelu", "BiasGelu"),
 }
 INT8_BLOCK = 32
@@ -51,10 +58,35 @@ def optimize_graph(src: str | Path, dst: str | Path) -> dict[str, int]:
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
     model = ir.load(str(src))
+    last_axis = name_last_axis(model)
     model, applied = optimize_for_ort(model)
     ir.save(model, str(dst))
     applied["attend_over_cache"] = attend_over_cache(dst)
+    applied["last_axis"] = last_axis
     return {rule: n for rule, n in applied.items() if n}
+
+
+def name_last_axis(model) -> int:
+    """Write each ReduceMean over the last axis as axis -1, the form the RMSNorm fusion matches
+    (the exporter writes the axis as a positive number: 2 of a (B, T, C) input, 3 of the QK-norm's
+    (B, T, H, D)); rewrites the onnx_ir `model` in place and returns the nodes it changed."""
+    import onnx_ir as ir
+
+    last = None
+    changed = 0
+    for node in model.graph:
+        if node.op_type != "ReduceMean" or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        x, axes = node.inputs[0], node.inputs[1].const_value
+        rank = len(x.shape) if x is not None and x.shape is not None else None
+        if axes is None or rank is None or axes.numpy().tolist() != [rank - 1]:
+            continue
+        if last is None:
+            last = ir.Value(name="gptcore_last_axis", const_value=ir.tensor(np.array([-1], np.int64)))
+            model.graph.register_initializer(last)
+        node.replace_input_with(1, last)
+        changed += 1
+    return changed
 
 
 def attend_over_cache(path: str | Path) -> int:

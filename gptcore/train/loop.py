@@ -128,23 +128,31 @@ class TrainClock:
         return seconds
 
 
-# A time-budgeted run measures its step time over these steps of the run, past the first
-# steps' one-off costs (compilation, allocator warm-up), then fixes how many steps fit.
+# A time-budgeted run measures its step time from these steps of the run, past the first steps'
+# one-off costs (compilation, allocator warm-up), then fixes how many steps fit; it fits them
+# again at every log step from all the steps timed since, because a run's step time drifts
+# after its first steps (a probe 10% slow left a tenth of the budget unused).
 BUDGET_PROBE = (5, 25)
 
 
 def fit_budget(
     name: str, cfg: TrainConfig, steps_this_run: int, step: int, clock: TrainClock, state: dict[str, Any]
 ) -> None:
-    """Set state["budget_steps"] once the probe steps are timed: the steps that fit cfg.time_budget_s."""
-    if steps_this_run == BUDGET_PROBE[0]:
+    """Set state["budget_steps"], the steps that fit cfg.time_budget_s: first once the probe steps
+    are timed, then again at each call after (the loop calls at log steps only, where the clock
+    is read anyway). The step time is the mean since the probe began, resumes included."""
+    if state["budget_steps"] is None and steps_this_run == BUDGET_PROBE[0]:
         clock.pause()
-        state["probe_start_s"] = clock.seconds
-    elif steps_this_run == BUDGET_PROBE[1]:
-        clock.pause()
-        per_step = (clock.seconds - state.pop("probe_start_s")) / (BUDGET_PROBE[1] - BUDGET_PROBE[0])
-        fits = step + int(max(0.0, cfg.time_budget_s - clock.seconds) / per_step)
-        state["budget_steps"] = max(step, min(cfg.max_steps, fits))
+        state["probe_from"] = [step, clock.seconds]
+        return
+    if (state["budget_steps"] is None and steps_this_run != BUDGET_PROBE[1]) or "probe_from" not in state:
+        return  # between probes, or resumed from a checkpoint that kept no probe (fixed once then)
+    clock.pause()
+    from_step, from_seconds = state["probe_from"]
+    per_step = (clock.seconds - from_seconds) / (step - from_step)
+    fits = step + int(max(0.0, cfg.time_budget_s - clock.seconds) / per_step)
+    steps = max(step, min(cfg.max_steps, fits))
+    if steps != state["budget_steps"]:
         log.info(
             "%s: %.1f ms a step: %d steps fit the %.0f s budget%s",
             name,
@@ -153,6 +161,7 @@ def fit_budget(
             cfg.time_budget_s,
             f" (capped at max_steps={cfg.max_steps})" if fits > cfg.max_steps else "",
         )
+    state["budget_steps"] = steps
 
 
 def fit(
@@ -243,7 +252,7 @@ def fit(
         optimizers.step()
         step += 1
         steps_since_log += 1
-        if cfg.time_budget_s and state["budget_steps"] is None:
+        if cfg.time_budget_s and (state["budget_steps"] is None or step % cfg.log_interval == 0):
             fit_budget(name, cfg, step - start_step, step, clock, state)
             schedule.total_steps = state["budget_steps"] or cfg.max_steps
         last = step == schedule.total_steps

@@ -9,10 +9,10 @@ from gptcore.config import (
     TrainConfig,
 )
 from gptcore.errors import ConfigError
-from gptcore.presets import PRESETS, load_config, merge
+from gptcore.presets import GPT2_MODEL, PRESETS, RECOMMENDED_MODEL, check_gpt2, load_config, merge, recommended
 
 
-@pytest.mark.parametrize("preset", ["default", "tiny", "gpu"])
+@pytest.mark.parametrize("preset", ["default", "default-gpt2", "tiny", "gpu"])
 def test_presets_construct_and_load_by_name(preset):
     cfg = PRESETS[preset]()
     assert isinstance(cfg, PipelineConfig)
@@ -25,6 +25,20 @@ def test_presets_differ_where_they_should():
     assert load_config(preset="tiny").tokenizer.vocab_size == 512
     assert load_config(preset="gpu").model.n_layer == 6
     assert load_config().tokenizer.vocab_size == TokenizerConfig().vocab_size
+
+
+def test_the_default_preset_trains_the_recommended_recipe_and_default_gpt2_the_gpt2_one():
+    best, gpt2 = load_config(preset="default"), load_config(preset="default-gpt2")
+    assert {k: getattr(best.model, k) for k in RECOMMENDED_MODEL} == RECOMMENDED_MODEL
+    assert {k: getattr(gpt2.model, k) for k in GPT2_MODEL} == GPT2_MODEL
+    assert best.pretrain.optimizer == "muon" and gpt2.pretrain.optimizer == "adamw"
+    assert best.pretrain.lr == 8 * gpt2.pretrain.lr and best.pretrain.min_lr == 8 * gpt2.pretrain.min_lr
+    # the same shape, schedule and every later stage: only the recipe differs
+    assert best.model.n_embd == gpt2.model.n_embd and best.pretrain.max_steps == gpt2.pretrain.max_steps
+    assert (best.finetune, best.sft, best.tokenizer) == (gpt2.finetune, gpt2.sft, gpt2.tokenizer)
+    assert recommended(gpt2) == best
+    with pytest.raises(ConfigError, match="not the GPT-2 recipe.*'position': 'rope'"):
+        check_gpt2(best)  # applying the recipe twice would double the learning rate again
 
 
 def test_yaml_override_changes_nested_field_and_keeps_the_rest(tmp_path):

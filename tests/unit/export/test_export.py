@@ -104,15 +104,48 @@ def test_failed_parity_raises_and_keeps_the_previous_package(trained, lm_package
 )
 def test_every_architecture_option_exports_with_parity(options, tmp_path):
     """Each option through the real exporter and ONNX Runtime: empty-cache prefill, then cached decode steps."""
-    from gptcore.config import ModelConfig
     from gptcore.export.lm import export_lm_graph
+
+    gpt = small_gpt(options)
+    export_lm_graph(gpt, tmp_path / "model.onnx", opset=18)
+    assert_prefill_then_decode_match(gpt, tmp_path / "model.onnx")
+
+
+def test_the_recommended_recipe_fuses_every_norm_and_keeps_parity(tmp_path):
+    """The default preset's recipe: each RMSNorm (blocks, final, QK-norm) becomes ORT's
+    SimplifiedLayerNormalization, with the residual Add where one precedes it, and attention
+    MultiHeadAttention; the fused graph matches PyTorch."""
+    import onnx
+
+    from gptcore.export.lm import export_lm_graph
+    from gptcore.export.variants import fused_op_counts, optimize_graph
+    from gptcore.presets import RECOMMENDED_MODEL
+
+    gpt = small_gpt(RECOMMENDED_MODEL)
+    export_lm_graph(gpt, tmp_path / "raw.onnx", opset=18)
+    fusions = optimize_graph(tmp_path / "raw.onnx", tmp_path / "model.onnx")
+    # 2 layers: 2 block norms each, the final norm, and a query and a key norm each = 9
+    assert fused_op_counts(tmp_path / "model.onnx") == {"attention": 2, "layernorm": 9, "gelu": 0}
+    assert fusions["rms_normalization"] == 9 and fusions["last_axis"] == 9  # 4 of them then take their Add
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "model.onnx")).graph.node}
+    assert "ReduceMean" not in ops and "Sqrt" not in ops  # no norm left unfused
+    assert_prefill_then_decode_match(gpt, tmp_path / "model.onnx")
+
+
+def small_gpt(options: dict):
+    from gptcore.config import ModelConfig
     from gptcore.model import GPT
-    from gptcore.runtime.session import SessionOptions, make_session
 
     torch.manual_seed(0)
-    gpt = GPT(ModelConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, vocab_size=50, **options)).eval()
-    export_lm_graph(gpt, tmp_path / "model.onnx", opset=18)
-    session = make_session(tmp_path / "model.onnx", SessionOptions(device="cpu"))
+    return GPT(ModelConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, vocab_size=50, **options)).eval()
+
+
+def assert_prefill_then_decode_match(gpt, path: Path) -> None:
+    """A 6-token prefill into an empty cache, then 4 decode steps: logits as PyTorch's, and only
+    the cache slots of the positions so far written."""
+    from gptcore.runtime.session import SessionOptions, make_session
+
+    session = make_session(path, SessionOptions(device="cpu"))
     ids = torch.randint(0, 50, (1, 10))
     with torch.no_grad():
         ref = gpt(ids)[0][..., :50].numpy()
@@ -126,7 +159,7 @@ def test_every_architecture_option_exports_with_parity(options, tmp_path):
         }
         logits, *cache = session.run(names, feed | dict(zip([n.replace("present", "past") for n in names[1:]], cache)))
         assert np.abs(logits - ref[:, start:end]).max() < 1e-4
-        assert not cache[0][:, :, end:].any()  # only the slots of positions so far are written
+        assert not cache[0][:, :, end:].any()
 
 
 @pytest.mark.parametrize("package", ["lm_package", "classifier_package"])

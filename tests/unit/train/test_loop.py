@@ -63,6 +63,28 @@ def test_time_budget_fixes_the_steps_from_the_probe_step_time():
     assert state["budget_steps"] == 60  # max_steps caps it
 
 
+def test_time_budget_is_fit_again_as_the_step_time_drifts():
+    cfg = TrainConfig(max_steps=10_000, time_budget_s=10.0)
+    clock, state = FakeClock(), {"budget_steps": None}
+    clock.seconds = 1.0
+    fit_budget("t", cfg, 5, 5, clock, state)
+    clock.seconds = 3.0  # the probe: 0.1 s a step
+    fit_budget("t", cfg, 25, 25, clock, state)
+    assert state["budget_steps"] == 95
+    clock.seconds = 5.0  # 44 steps in 2 s after the probe's 20 in 2: 64 steps in 4 s since it began
+    fit_budget("t", cfg, 69, 69, clock, state)
+    assert state["budget_steps"] == 69 + 80  # 5 s left at 0.0625 s a step: more than the probe said
+    clock.seconds = 9.9
+    fit_budget("t", cfg, 70, 70, clock, state)
+    assert state["budget_steps"] == 70  # one slow step and the budget is spent: it ends here
+    clock.seconds = 10.5
+    fit_budget("t", cfg, 72, 72, clock, state)
+    assert state["budget_steps"] == 72  # past the budget it ends at this step, never before it
+    old = {"budget_steps": 80}  # a checkpoint written before refitting: its steps stay as fixed
+    fit_budget("t", cfg, 100, 30, clock, old)
+    assert old == {"budget_steps": 80}
+
+
 def test_budgeted_pretraining_ends_its_schedule_within_the_budget(
     small_corpus, tiny_model_cfg, tiny_train_cfg, tmp_path
 ):
