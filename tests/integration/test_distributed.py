@@ -36,6 +36,8 @@ def run(
         "-m",
         "gptcore.cli",
         "pretrain",
+        "--preset",
+        "default-gpt2",  # AdamW: FSDP refuses Muon
         "--workdir",
         str(w),
         "--config",
