@@ -28,7 +28,7 @@ from gptcore.config import EvalConfig, ModelConfig, TrainConfig
 from gptcore.data.ingest import ingest
 from gptcore.data.tokenizer import train_tokenizer
 from gptcore.eval.lm import evaluate_lm
-from gptcore.presets import PRESETS, RECOMMENDED_LR_SCALE, RECOMMENDED_MODEL, check_gpt2, recommended
+from gptcore.presets import PRESETS, RECOMMENDED_LR_SCALE, RECOMMENDED_MODEL, recommended
 from gptcore.train.pretrain import pretrain
 
 
@@ -61,12 +61,11 @@ def main() -> None:
     args = p.parse_args()
     # the baseline is the preset's GPT-2 recipe: `default` trains the recommended one itself
     cfg = PRESETS.get(f"{args.preset}-gpt2", PRESETS[args.preset])()
-    check_gpt2(cfg)
+    best = recommended(cfg)  # refuses a preset that is not the GPT-2 recipe, before any work
     root = args.workdir or Path(tempfile.mkdtemp(prefix="gptcore-quality-"))
     if not (root / "tokenizer" / "tokens.json").is_file():
         ingest(cfg.ingest, root / "data")
         train_tokenizer(cfg.tokenizer, root / "data", root / "tokenizer")
-    best = recommended(cfg)
     recipes = {
         "baseline": (cfg.model, cfg.pretrain),
         "recipe": (best.model, dataclasses.replace(best.pretrain, optimizer=args.recipe_optimizer)),

@@ -35,7 +35,7 @@ from gptcore.errors import ConfigError
 # bench/quality.py measures the recipe against the GPT-2 one at equal wall-clock on a preset's
 # shape; the default preset trains it.
 RECOMMENDED_MODEL = {"position": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "relu2", "tie_embeddings": False}
-GPT2_MODEL = {"position": "learned", "norm": "layernorm", "qk_norm": False, "mlp": "gelu", "tie_embeddings": True}
+GPT2_MODEL = {k: getattr(ModelConfig(), k) for k in RECOMMENDED_MODEL}  # ModelConfig's defaults are GPT-2's
 RECOMMENDED_LR_SCALE = 8.0
 
 
