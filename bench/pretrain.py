@@ -1,17 +1,22 @@
 """Pretraining throughput: gptcore's training step against a plain eager fp32 PyTorch model.
 
-    python bench/pretrain.py --preset tiny --device cpu --steps 30 [--json out.json]
+    python bench/pretrain.py --preset tiny --device cpu --steps 30 [--context 256 --batch 16
+                             --vocab 8192] [--json out.json]
 
 Both train the same shape (layers, width, heads, context, vocabulary) on random tokens. gptcore
 runs as the preset configures it (bf16 autocast and fused AdamW on CUDA, torch.compile where the
 preset asks); the reference is `nn.TransformerEncoder` (pre-LN, GELU, causal mask) in fp32 with
-a default AdamW. Each runs in a fresh process, so peak memory belongs to one model alone.
-Prints tokens/s, MFU (where the device's peak is known or --peak-tflops given) and peak memory.
+a default AdamW. A preset that trains the recommended recipe (`default`) is also timed with the
+GPT-2 recipe (`default-gpt2`), for the recipe's step time against GPT-2's. Each runs in a fresh
+process, so peak memory belongs to one model alone. Prints tokens/s, MFU (where the device's
+peak is known or --peak-tflops given) and peak memory. --context, --batch and --vocab override
+the preset's.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -56,12 +61,16 @@ class ReferenceGPT(nn.Module):
         return logits, nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 
-def measure(which: str, preset: str, device: torch.device, steps: int, warmup: int, peak_tflops: float | None) -> dict:
-    cfg = PRESETS[preset]()
-    model_cfg = ModelConfig(**{**cfg.model.__dict__, "vocab_size": cfg.tokenizer.vocab_size})
-    B, T, V = cfg.pretrain.batch_size, model_cfg.block_size, model_cfg.vocab_size
+def measure(which: str, args: argparse.Namespace, device: torch.device) -> dict:
+    cfg = PRESETS[f"{args.preset}-gpt2" if which == "gpt2" else args.preset]()
+    model_cfg = dataclasses.replace(
+        cfg.model,
+        vocab_size=args.vocab or cfg.tokenizer.vocab_size,
+        block_size=args.context or cfg.model.block_size,
+    )
+    B, T, V = args.batch or cfg.pretrain.batch_size, model_cfg.block_size, model_cfg.vocab_size
     torch.manual_seed(0)
-    if which == "gptcore":
+    if which != "reference":
         enable_tf32(device)
         model = GPT(model_cfg).to(device)
         optimizer = configure_optimizers(model, cfg.pretrain, device)
@@ -83,19 +92,19 @@ def measure(which: str, preset: str, device: torch.device, steps: int, warmup: i
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t = time.perf_counter()
-    for _ in range(warmup):  # includes torch.compile's compilation
+    for _ in range(args.warmup):  # includes torch.compile's compilation
         step()
     sync()
     warmup_s = time.perf_counter() - t
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(args.steps):
         step()
     sync()
     seconds = time.perf_counter() - t
-    tokens_per_s = steps * B * T / seconds
-    peak = peak_flops(device, peak_tflops)
+    tokens_per_s = args.steps * B * T / seconds
+    peak = peak_flops(device, args.peak_tflops)
     flops = GPT(model_cfg).flops_per_token() if which == "reference" else model.flops_per_token()
     return {
         "tokens_per_s": tokens_per_s,
@@ -112,31 +121,22 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU where it is not known")
+    p.add_argument("--context", type=int, help="context length (default: the preset's)")
+    p.add_argument("--batch", type=int, help="batch size (default: the preset's)")
+    p.add_argument("--vocab", type=int, help="vocabulary size (default: the preset's tokenizer's)")
     p.add_argument("--json", type=Path, help="also write the figures here")
-    p.add_argument("--only", choices=["gptcore", "reference"], help=argparse.SUPPRESS)  # one side, in a child process
+    p.add_argument("--only", choices=["gptcore", "gpt2", "reference"], help=argparse.SUPPRESS)  # a child process's side
     args = p.parse_args()
     device = torch.device(args.device)
     if args.only:
-        print(json.dumps(measure(args.only, args.preset, device, args.steps, args.warmup, args.peak_tflops)))
+        print(json.dumps(measure(args.only, args, device)))
         return
+    sides = ["gptcore", "reference"] + (["gpt2"] if f"{args.preset}-gpt2" in PRESETS else [])
     results = {}
-    for which in ("gptcore", "reference"):
-        child = [
-            sys.executable,
-            __file__,
-            "--only",
-            which,
-            "--preset",
-            args.preset,
-            "--device",
-            args.device,
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
+    for which in sides:
+        child = [sys.executable, __file__, "--only", which] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if v is not None and k not in ("only", "json")
         ]
-        if args.peak_tflops:
-            child += ["--peak-tflops", str(args.peak_tflops)]
         out = subprocess.run(child, check=True, capture_output=True, text=True).stdout
         results[which] = json.loads(out.strip().splitlines()[-1])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
@@ -144,6 +144,9 @@ def main() -> None:
     summary = {
         "device": name,
         "preset": args.preset,
+        "context": args.context,
+        "batch": args.batch,
+        "vocab": args.vocab,
         "steps": args.steps,
         "tokens_per_s": g["tokens_per_s"],
         "mfu": g["mfu"],
@@ -154,6 +157,9 @@ def main() -> None:
         "speedup": g["tokens_per_s"] / r["tokens_per_s"],
         "warmup_s": g["warmup_s"],
     }
+    if "gpt2" in results:  # step time is inverse to tokens/s at one shape
+        summary["gpt2_tokens_per_s"] = results["gpt2"]["tokens_per_s"]
+        summary["step_time_vs_gpt2"] = results["gpt2"]["tokens_per_s"] / g["tokens_per_s"]
     mfu = lambda v: "n/a (peak unknown)" if v is None else f"{v:.1%}"  # noqa: E731
     print(f"device {name}, preset {args.preset}, {args.steps} timed steps")
     print(
@@ -165,6 +171,9 @@ def main() -> None:
         f"peak memory {r['peak_mem_bytes'] / 2**20:,.0f} MiB"
     )
     print(f"  speedup    {summary['speedup']:.2f}x")
+    if "gpt2" in results:
+        print(f"  GPT-2 recipe ({args.preset}-gpt2) {summary['gpt2_tokens_per_s']:>8,.0f} tokens/s")
+        print(f"  recipe / GPT-2 step time {summary['step_time_vs_gpt2']:.2f}x")
     if args.json:
         write_json(args.json, summary)
 

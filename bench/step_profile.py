@@ -7,7 +7,9 @@ In one process, on one shape, each timed as the mean of `--steps` runs after a w
 - the whole step of each recipe split into forward (with the loss), backward and optimizer step;
 - each part the recipe swaps, alone, forward + backward at the shape it runs at, times the number
   of times a step runs it: RMSNorm against LayerNorm, rotary on q and k, QK-norm, squared ReLU
-  against GELU; and the optimizer step of the block matrices, Muon against AdamW.
+  against GELU; and the optimizer step of the block matrices, AdamW against Muon orthogonalising
+  in bf16 and in fp32 (the trainer takes `orthogonalisation_dtype`: bf16 where matmuls run it
+  natively). `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2` runs it as a CPU with AVX2 only.
 The recipe is `gptcore.presets.RECOMMENDED_MODEL` (rotary, RMSNorm, QK-norm, squared ReLU, untied head, Muon).
 """
 
@@ -31,7 +33,7 @@ from machine import write_json  # bench/machine.py: the machine beside the figur
 from gptcore.config import ModelConfig, TrainConfig
 from gptcore.model import GPT, apply_rope, rope_angles
 from gptcore.presets import RECOMMENDED_MODEL
-from gptcore.train.optim import configure_optimizers
+from gptcore.train.optim import Muon, configure_optimizers, orthogonalisation_dtype
 
 
 def timed(fn, steps: int, sync) -> float:
@@ -93,16 +95,17 @@ def parts(cfg: ModelConfig, batch: int, device, steps: int, sync) -> dict[str, f
         "gelu_s": L * forward_backward(lambda h: F.gelu(h, approximate="tanh"), (B, T, 4 * C), device, steps, sync),
         "relu2_s": L * forward_backward(lambda h: F.relu(h).square(), (B, T, 4 * C), device, steps, sync),
     }
-    for optimizer in ("adamw", "muon"):
+    for optimizer in ("adamw", "muon_bf16", "muon_fp32"):
         torch.manual_seed(0)
         model = GPT(cfg).to(device)
         blocks = [p for name, p in model.named_parameters() if p.dim() == 2 and name.startswith("blocks.")]
         for p in blocks:
             p.grad = torch.randn_like(p)
-        if optimizer == "muon":
-            opt = torch.optim.Muon(blocks, lr=0.02, weight_decay=0.1)
-        else:
+        if optimizer == "adamw":
             opt = torch.optim.AdamW(blocks, lr=1e-3, fused=device.type == "cuda")
+        else:
+            dtype = torch.bfloat16 if optimizer == "muon_bf16" else torch.float32
+            opt = Muon(blocks, lr=0.02, weight_decay=0.1, ns_dtype=dtype)
         out[f"{optimizer}_blocks_s"] = timed(opt.step, steps, sync)
     return out
 
@@ -129,7 +132,8 @@ def main() -> None:
         "recipe": (dataclasses.replace(base, **RECOMMENDED_MODEL), TrainConfig(optimizer="muon")),
     }
     shape = f"{args.layers}x{args.width}, {args.heads} heads, context {args.context}, batch {args.batch}"
-    print(f"{shape}, vocabulary {args.vocab}, {device}, {torch.get_num_threads()} threads")
+    ns_dtype = str(orthogonalisation_dtype(device)).removeprefix("torch.")
+    print(f"{shape}, vocabulary {args.vocab}, {device}, {torch.get_num_threads()} threads, Muon in {ns_dtype}")
     rows = {
         name: whole_step(cfg, train, args.batch, device, args.steps, sync) for name, (cfg, train) in recipes.items()
     }
@@ -145,7 +149,7 @@ def main() -> None:
         print(f"    {key.removesuffix('_s'):14} {seconds:.4f}")
     if args.json:
         shape_args = {k: v for k, v in vars(args).items() if k != "json"}
-        write_json(args.json, {"shape": shape_args, "steps": rows, "parts": swapped})
+        write_json(args.json, {"shape": shape_args, "muon_dtype": ns_dtype, "steps": rows, "parts": swapped})
 
 
 if __name__ == "__main__":

@@ -192,7 +192,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     optimizer: str = "adamw"
-    """`adamw`, or `muon`: torch.optim.Muon for the blocks' weight matrices, AdamW for the rest."""
+    """`adamw`, or `muon`: Muon (gptcore.train.optim) for the blocks' weight matrices, AdamW for the rest."""
     muon_lr: float = 0.02
     """Muon's peak learning rate (the schedule scales it like lr)."""
     grad_clip: float = 1.0

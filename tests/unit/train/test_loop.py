@@ -11,7 +11,7 @@ from gptcore.model import GPT
 from gptcore.results import load_pretrained
 from gptcore.train.checkpoint import complete_checkpoints, latest_checkpoint
 from gptcore.train.loop import TrainClock, fit_budget
-from gptcore.train.optim import LRSchedule, configure_optimizers
+from gptcore.train.optim import LRSchedule, Muon, configure_optimizers
 from gptcore.train.pretrain import pretrain
 
 
@@ -147,7 +147,7 @@ def test_incomplete_checkpoint_is_ignored_and_old_ones_pruned(small_corpus, tiny
 def test_muon_takes_the_block_matrices_and_adamw_the_rest(tiny_model_cfg):
     gpt = GPT(dataclasses.replace(tiny_model_cfg, vocab_size=64, tie_embeddings=False))
     muon, adamw = configure_optimizers(gpt, TrainConfig(optimizer="muon"), torch.device("cpu")).optimizers
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
     assert id(gpt.blocks[0].attn.qkv.weight) in muon_ids and id(gpt.blocks[1].mlp.proj.weight) in muon_ids
     assert id(gpt.wte.weight) not in muon_ids and id(gpt.lm_head.weight) not in muon_ids
