@@ -25,7 +25,7 @@ def test_muon_in_fp32_takes_the_same_steps_within_bf16s_rounding():
     start = muon_steps(Muon, torch.float32, steps=0)
     fp32, bf16 = muon_steps(Muon, torch.float32), muon_steps(Muon, torch.bfloat16)
     for s, a, b in zip(start, fp32, bf16):
-        assert (a - b).norm() < 0.02 * (b - s).norm()  # the updates agree to ~1%
+        assert (a - b).norm() < 0.02 * (b - s).norm()  # the updates agree to within 2%
 
 
 @pytest.mark.parametrize("shape", [(64, 16), (16, 64), (32, 32)])
